@@ -1,0 +1,352 @@
+"""Writer and reader of the LMDB embedding cache (format: :mod:`store.format`).
+
+The writer batches entries into transactions of ``batch_size`` values, grows the map when LMDB
+reports it full, and skips ids already present unless told to overwrite: a killed writer loses at
+most its uncommitted batch, and a rerun carries on.
+
+The reader opens the environment lazily, read-only, once per process: a reader made in the parent
+can be handed to DataLoader workers (fork or spawn); each worker opens its own environment.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CorruptValueError, MetadataMismatch, MissingIdError, NotACacheError, StoreError
+from .format import (
+    DB_CHECKSUMS, DB_EMBEDDINGS, DB_META, META_KEY, CacheMeta, checksum, decode, encode, now_iso,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAP_SIZE = 1 << 30  # virtual address space only: the file grows with its content
+_INHERITED_ENVS = []  # environments opened before a fork; never closed in the child (LMDB forbids it)
+
+
+def _lmdb():
+    import lmdb  # lazy: importing the package must not require it
+
+    return lmdb
+
+
+def _key(image_id) -> bytes:
+    key = str(image_id).encode("utf-8")
+    if not key or len(key) > 511:
+        raise StoreError(f"id {image_id!r}: ids must be 1..511 bytes of UTF-8")
+    return key
+
+
+def is_cache(path) -> bool:
+    return (Path(path) / "data.mdb").is_file()
+
+
+def open_env(path, readonly: bool, map_size: int = DEFAULT_MAP_SIZE):
+    """Open the environment at ``path``; read-only opens never create or modify the data file."""
+    lmdb = _lmdb()
+    path = Path(path)
+    if readonly and not is_cache(path):
+        what = "does not exist" if not path.exists() else "is not a cache (no data.mdb)"
+        raise NotACacheError(f"{path} {what}")
+    try:
+        if readonly:
+            return lmdb.open(str(path), readonly=True, lock=os.access(path, os.W_OK), max_dbs=4,
+                             readahead=False, max_readers=1024)
+        path.mkdir(parents=True, exist_ok=True)
+        return lmdb.open(str(path), map_size=map_size, max_dbs=4, readahead=False, meminit=False,
+                         max_readers=1024)
+    except lmdb.Error as e:
+        raise NotACacheError(f"{path}: cannot open as an LMDB environment ({e})") from None
+
+
+def read_meta(env, path) -> CacheMeta:
+    try:
+        meta_db = env.open_db(DB_META, create=False)
+    except _lmdb().Error:
+        raise NotACacheError(f"{path} is an LMDB environment but not a cache (no metadata record)") from None
+    with env.begin(db=meta_db) as txn:
+        raw = txn.get(META_KEY)
+    if raw is None:
+        raise NotACacheError(f"{path} is an LMDB environment but not a cache (no metadata record)")
+    return CacheMeta.from_json(raw, path)
+
+
+class CacheWriter:
+    """Writes arrays into a cache, creating it if needed.
+
+    Args:
+        path: directory of the LMDB environment.
+        shape: shape of one value; required when creating, checked when reopening.
+        dtype: ``float16`` (default), ``bfloat16`` or ``float32``.
+        producer: what made the values; when reopening, every key given must equal the stored one
+            (a cache built by another model, weights or preprocessing is refused).
+        overwrite: replace ids that exist instead of skipping them.
+        batch_size: entries per transaction.
+        map_size: initial map size in bytes; doubled whenever LMDB reports the map full.
+
+    Example:
+        >>> with CacheWriter("cache", shape=(196, 768), producer={"model": "vit"}) as w:
+        ...     w.put("0", np.zeros((196, 768)))
+    """
+
+    def __init__(self, path, shape=None, dtype="float16", producer=None, overwrite=False,
+                 batch_size=256, map_size=DEFAULT_MAP_SIZE):
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self.batch_size = batch_size
+        self.written = 0
+        self.skipped = 0
+        self._pending = {}  # key -> (value bytes, checksum bytes)
+        self.env = open_env(self.path, readonly=False, map_size=map_size)
+        try:
+            self.meta = self._existing_meta()
+            if self.meta is None:
+                if shape is None:
+                    raise StoreError(f"{self.path}: a new cache needs a shape")
+                self.meta = CacheMeta(shape=shape, dtype=dtype, producer=dict(producer or {}))
+            else:
+                want = {"dtype": dtype, "producer": dict(producer or {})}
+                if shape is not None:
+                    want["shape"] = list(shape)
+                diffs = self.meta.differences(want)
+                if diffs:
+                    raise MetadataMismatch(self.path, diffs)
+            self._grow_on_full(self._open_dbs)
+            self._commit({})
+        except BaseException:
+            self.env.close()
+            raise
+
+    def _existing_meta(self):
+        """The stored metadata; None for a new environment (or one whose creation was cut short)."""
+        try:
+            return read_meta(self.env, self.path)
+        except NotACacheError:
+            with self.env.begin() as txn:
+                if txn.get(DB_EMBEDDINGS) is None:
+                    return None
+            raise
+
+    def _open_dbs(self):
+        self._db = self.env.open_db(DB_EMBEDDINGS)
+        self._crc = self.env.open_db(DB_CHECKSUMS)
+        self._meta_db = self.env.open_db(DB_META)
+
+    def _grow_on_full(self, fn):
+        """Run ``fn`` (one write transaction), doubling the map size whenever LMDB reports it full."""
+        lmdb = _lmdb()
+        while True:
+            try:
+                return fn()
+            except lmdb.MapFullError:
+                new_size = self.env.info()["map_size"] * 2
+                log.debug("LMDB map full at %s: growing to %d bytes", self.path, new_size)
+                self.env.set_mapsize(new_size)
+            except lmdb.Error as e:
+                raise StoreError(f"{self.path}: write failed, the last batch was not committed ({e})") from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __contains__(self, image_id) -> bool:
+        key = _key(image_id)
+        if key in self._pending:
+            return True
+        with self.env.begin(db=self._db) as txn:
+            return txn.get(key) is not None
+
+    def missing(self, ids) -> list:
+        """The ids (in order) that are not in the cache yet."""
+        with self.env.begin(db=self._db, buffers=True) as txn:
+            return [i for i in ids if _key(i) not in self._pending and txn.get(_key(i)) is None]
+
+    def put(self, image_id, array) -> None:
+        """Queue one value; it is committed with its batch."""
+        self._pending[_key(image_id)] = self._entry(encode(array, self.meta))
+        if len(self._pending) >= self.batch_size:
+            self.flush()
+
+    def put_batch(self, ids, arrays) -> None:
+        """Queue a batch of values (``arrays``: leading dimension = len(ids))."""
+        if len(ids) != len(arrays):
+            raise StoreError(f"{len(ids)} ids for {len(arrays)} arrays")
+        raw = encode(arrays, self.meta)
+        n = self.meta.nbytes
+        for i, image_id in enumerate(ids):
+            self._pending[_key(image_id)] = self._entry(raw[i * n:(i + 1) * n])
+        if len(self._pending) >= self.batch_size:
+            self.flush()
+
+    def put_raw(self, key: bytes, value: bytes, crc: bytes) -> None:
+        """Queue value bytes with their stored checksum (used by merge; sizes are checked)."""
+        if len(value) != self.meta.nbytes:
+            raise CorruptValueError(f"id {key.decode(errors='replace')!r}: value of {len(value)} bytes, "
+                                    f"the cache's values have {self.meta.nbytes}")
+        self._pending[key] = (value, crc)
+        if len(self._pending) >= self.batch_size:
+            self.flush()
+
+    @staticmethod
+    def _entry(value: bytes):
+        return value, checksum(value)
+
+    def flush(self) -> None:
+        """Commit queued values in one transaction, growing the map as needed."""
+        if self._pending:
+            self._commit(self._pending)
+            self._pending = {}
+
+    def _commit(self, entries: dict) -> None:
+        def write():
+            written = 0
+            with self.env.begin(write=True) as txn:
+                for key, (value, crc) in entries.items():
+                    if txn.put(key, value, db=self._db, overwrite=self.overwrite):
+                        txn.put(key, crc, db=self._crc)
+                        written += 1
+                self.meta.count = txn.stat(self._db)["entries"]
+                self.meta.updated = now_iso()
+                txn.put(META_KEY, self.meta.to_json(), db=self._meta_db)
+            return written
+
+        written = self._grow_on_full(write)
+        self.written += written
+        self.skipped += len(entries) - written
+
+    def update_producer(self, **fields) -> None:
+        """Add producer fields to the metadata (committed with the next batch or on close)."""
+        self.meta.producer.update(fields)
+        self._commit({})
+
+    def close(self) -> None:
+        if self.env is None:
+            return
+        try:
+            self.flush()
+        finally:
+            self.env.close()
+            self.env = None
+
+
+class CacheReader:
+    """Reads a cache; opens it read-only and lazily, once per process.
+
+    Args:
+        path: directory of the LMDB environment.
+        expect: optional partial metadata the caller relies on, e.g.
+            ``{"shape": [196, 768], "producer": {"model": "vit_base_patch16_224"}}``;
+            any difference raises :class:`MetadataMismatch` naming every differing field.
+
+    Example:
+        >>> with CacheReader("cache", expect={"shape": [196, 768]}) as r:
+        ...     x = r["123"]          # np.ndarray (196, 768), float16
+    """
+
+    def __init__(self, path, expect=None):
+        self.path = Path(path)
+        self._env = None
+        self._txn = None
+        self._pid = None
+        env = open_env(self.path, readonly=True)
+        try:
+            self.meta = read_meta(env, self.path)  # before opening the databases: a clear error first
+        finally:
+            env.close()
+        if expect:
+            self.check(expect)
+
+    def check(self, expect: dict) -> None:
+        diffs = self.meta.differences(expect)
+        if diffs:
+            raise MetadataMismatch(self.path, diffs)
+
+    def _open(self):
+        if self._pid != os.getpid():
+            if self._env is not None:  # opened in a parent before fork: leave it alone
+                _INHERITED_ENVS.append(self._env)
+            self._env = open_env(self.path, readonly=True)
+            try:
+                self._db = self._env.open_db(DB_EMBEDDINGS, create=False)
+                self._crc_db = self._env.open_db(DB_CHECKSUMS, create=False)
+            except _lmdb().Error:
+                self._env.close()
+                self._env = self._pid = None
+                raise NotACacheError(f"{self.path} is an LMDB environment but not a cache "
+                                     "(no embeddings database)") from None
+            self._txn = None
+            self._pid = os.getpid()
+        return self._env
+
+    @property
+    def txn(self):
+        """A long-lived read transaction of this process (a snapshot of the cache)."""
+        env = self._open()
+        if self._txn is None:
+            self._txn = env.begin(buffers=True)
+        return self._txn
+
+    def get_bytes(self, image_id):
+        """The value's raw bytes (a buffer valid until the reader closes), or None."""
+        return self.txn.get(_key(image_id), db=self._db)
+
+    def __getitem__(self, image_id) -> np.ndarray:
+        buf = self.txn.get(_key(image_id), db=self._db)
+        if buf is None:
+            raise MissingIdError(f"id {str(image_id)!r} is not in cache {self.path}")
+        if len(buf) != self.meta.nbytes:
+            raise CorruptValueError(f"id {str(image_id)!r} in {self.path}: value of {len(buf)} bytes, "
+                                    f"expected {self.meta.nbytes}")
+        return decode(buf, self.meta)
+
+    def get(self, image_id, default=None):
+        try:
+            return self[image_id]
+        except MissingIdError:
+            return default
+
+    def __contains__(self, image_id) -> bool:
+        return self.txn.get(_key(image_id), db=self._db) is not None
+
+    def __len__(self) -> int:
+        return self.txn.stat(self._db)["entries"]
+
+    def keys(self):
+        """Every id, in byte order."""
+        with self.txn.cursor(db=self._db) as cur:
+            for key in cur.iternext(keys=True, values=False):
+                yield bytes(key).decode("utf-8")
+
+    def items_raw(self):
+        """``(key bytes, value bytes, checksum bytes or None)`` for every entry, in key order."""
+        txn = self.txn
+        with txn.cursor(db=self._db) as cur:
+            for key, value in cur:
+                crc = txn.get(key, db=self._crc_db)
+                yield bytes(key), bytes(value), (bytes(crc) if crc is not None else None)
+
+    def missing(self, ids) -> list:
+        return [i for i in ids if i not in self]
+
+    def close(self) -> None:
+        if self._env is not None and self._pid == os.getpid():
+            if self._txn is not None:
+                self._txn.abort()
+            self._env.close()
+        self._env = self._txn = self._pid = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __getstate__(self):  # spawn/pickling: send the path, reopen on the other side
+        return {"path": self.path, "meta": self.meta}
+
+    def __setstate__(self, state):
+        self.path, self.meta = state["path"], state["meta"]
+        self._env = self._txn = self._pid = None
