@@ -5,11 +5,13 @@ reports it full, and skips ids already present unless told to overwrite: a kille
 most its uncommitted batch, and a rerun carries on.
 
 The reader opens the environment lazily, read-only, once per process: a reader made in the parent
-can be handed to DataLoader workers (fork or spawn); each worker opens its own environment.
+can be handed to DataLoader workers (fork or spawn); each worker opens its own environment, and
+readers close before any fork (see ``_close_readers_before_fork``) and reopen on their next read.
 """
 
 import logging
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,19 @@ from .format import (
 log = logging.getLogger(__name__)
 
 DEFAULT_MAP_SIZE = 1 << 30  # virtual address space only: the file grows with its content
-_INHERITED_ENVS = []  # environments opened before a fork; never closed in the child (LMDB forbids it)
+_OPEN_READERS = weakref.WeakSet()
+
+
+def _close_readers_before_fork():
+    """LMDB forbids using an environment across fork, and py-lmdb refuses to reopen in the child
+    an environment the parent holds open (closing it there would free the parent's reader slot).
+    So readers close before a fork and reopen lazily on their next read, on either side."""
+    for reader in list(_OPEN_READERS):
+        reader.close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_close_readers_before_fork)
 
 
 def _lmdb():
@@ -54,8 +68,10 @@ def open_env(path, readonly: bool, map_size: int = DEFAULT_MAP_SIZE):
             return lmdb.open(str(path), readonly=True, lock=os.access(path, os.W_OK), max_dbs=4,
                              readahead=False, max_readers=1024)
         path.mkdir(parents=True, exist_ok=True)
+        # metasync=False: one fsync per commit instead of two; after a system crash the last
+        # commit may be undone but the database stays intact (LMDB's MDB_NOMETASYNC).
         return lmdb.open(str(path), map_size=map_size, max_dbs=4, readahead=False, meminit=False,
-                         max_readers=1024)
+                         max_readers=1024, metasync=False)
     except lmdb.Error as e:
         raise NotACacheError(f"{path}: cannot open as an LMDB environment ({e})") from None
 
@@ -166,33 +182,31 @@ class CacheWriter:
 
     def put(self, image_id, array) -> None:
         """Queue one value; it is committed with its batch."""
-        self._pending[_key(image_id)] = self._entry(encode(array, self.meta))
-        if len(self._pending) >= self.batch_size:
-            self.flush()
+        self._queue(_key(image_id), encode(array, self.meta))
 
     def put_batch(self, ids, arrays) -> None:
         """Queue a batch of values (``arrays``: leading dimension = len(ids))."""
         if len(ids) != len(arrays):
             raise StoreError(f"{len(ids)} ids for {len(arrays)} arrays")
-        raw = encode(arrays, self.meta)
+        raw = memoryview(encode(arrays, self.meta))  # one copy; slices below share it
         n = self.meta.nbytes
         for i, image_id in enumerate(ids):
-            self._pending[_key(image_id)] = self._entry(raw[i * n:(i + 1) * n])
-        if len(self._pending) >= self.batch_size:
-            self.flush()
+            self._queue(_key(image_id), raw[i * n:(i + 1) * n])
 
     def put_raw(self, key: bytes, value: bytes, crc: bytes) -> None:
         """Queue value bytes with their stored checksum (used by merge; sizes are checked)."""
         if len(value) != self.meta.nbytes:
             raise CorruptValueError(f"id {key.decode(errors='replace')!r}: value of {len(value)} bytes, "
                                     f"the cache's values have {self.meta.nbytes}")
-        self._pending[key] = (value, crc)
+        self._queue(key, value, crc)
+
+    def _queue(self, key: bytes, value: bytes, crc: bytes = None) -> None:
+        if key in self._pending and not self.overwrite:
+            self.skipped += 1  # the same id twice in one batch: the first one stays, as across batches
+            return
+        self._pending[key] = (value, crc if crc is not None else checksum(value))
         if len(self._pending) >= self.batch_size:
             self.flush()
-
-    @staticmethod
-    def _entry(value: bytes):
-        return value, checksum(value)
 
     def flush(self) -> None:
         """Commit queued values in one transaction, growing the map as needed."""
@@ -227,6 +241,7 @@ class CacheWriter:
             return
         try:
             self.flush()
+            self.env.sync(True)
         finally:
             self.env.close()
             self.env = None
@@ -256,8 +271,13 @@ class CacheReader:
             self.meta = read_meta(env, self.path)  # before opening the databases: a clear error first
         finally:
             env.close()
+        self._set_layout()
         if expect:
             self.check(expect)
+
+    def _set_layout(self):
+        self._nbytes, self._shape = self.meta.nbytes, self.meta.shape
+        self._np_dtype = None if self.meta.dtype == "bfloat16" else np.dtype(self.meta.dtype)
 
     def check(self, expect: dict) -> None:
         diffs = self.meta.differences(expect)
@@ -266,8 +286,6 @@ class CacheReader:
 
     def _open(self):
         if self._pid != os.getpid():
-            if self._env is not None:  # opened in a parent before fork: leave it alone
-                _INHERITED_ENVS.append(self._env)
             self._env = open_env(self.path, readonly=True)
             try:
                 self._db = self._env.open_db(DB_EMBEDDINGS, create=False)
@@ -279,14 +297,14 @@ class CacheReader:
                                      "(no embeddings database)") from None
             self._txn = None
             self._pid = os.getpid()
+            _OPEN_READERS.add(self)
         return self._env
 
     @property
     def txn(self):
         """A long-lived read transaction of this process (a snapshot of the cache)."""
-        env = self._open()
-        if self._txn is None:
-            self._txn = env.begin(buffers=True)
+        if self._txn is None:  # None after a fork or unpickling too: see _close_readers_before_fork
+            self._txn = self._open().begin(buffers=True)
         return self._txn
 
     def get_bytes(self, image_id):
@@ -294,13 +312,16 @@ class CacheReader:
         return self.txn.get(_key(image_id), db=self._db)
 
     def __getitem__(self, image_id) -> np.ndarray:
-        buf = self.txn.get(_key(image_id), db=self._db)
+        # The hot path of training: one lookup, one copy out of the map, no per-call setup.
+        buf = (self._txn or self.txn).get(str(image_id).encode(), db=self._db)
         if buf is None:
             raise MissingIdError(f"id {str(image_id)!r} is not in cache {self.path}")
-        if len(buf) != self.meta.nbytes:
+        if len(buf) != self._nbytes:
             raise CorruptValueError(f"id {str(image_id)!r} in {self.path}: value of {len(buf)} bytes, "
-                                    f"expected {self.meta.nbytes}")
-        return decode(buf, self.meta)
+                                    f"expected {self._nbytes}")
+        if self._np_dtype is None:
+            return decode(buf, self.meta)
+        return np.frombuffer(buf, self._np_dtype).reshape(self._shape).copy()
 
     def get(self, image_id, default=None):
         try:
@@ -350,3 +371,4 @@ class CacheReader:
     def __setstate__(self, state):
         self.path, self.meta = state["path"], state["meta"]
         self._env = self._txn = self._pid = None
+        self._set_layout()

@@ -15,6 +15,7 @@ main database, so an id such as ``meta`` could otherwise collide with them).
 
 import datetime as _dt
 import json
+import math
 import sys
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -76,7 +77,7 @@ class CacheMeta:
     @property
     def nbytes(self) -> int:
         """Bytes of one value."""
-        return int(np.prod(self.shape)) * _ITEMSIZE[self.dtype]
+        return math.prod(self.shape) * _ITEMSIZE[self.dtype]
 
     def to_json(self) -> bytes:
         d = asdict(self)
