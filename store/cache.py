@@ -11,6 +11,7 @@ readers close before any fork (see ``_close_readers_before_fork``) and reopen on
 
 import logging
 import os
+import threading
 import weakref
 from pathlib import Path
 
@@ -91,6 +92,10 @@ def read_meta(env, path) -> CacheMeta:
 class CacheWriter:
     """Writes arrays into a cache, creating it if needed.
 
+    Values go straight into an open LMDB write transaction (LMDB copies them; nothing is queued in
+    Python), which commits every ``batch_size`` values and on :meth:`flush`/:meth:`close`. Like any
+    LMDB write transaction it belongs to one thread: use a writer from one thread only.
+
     Args:
         path: directory of the LMDB environment.
         shape: shape of one value; required when creating, checked when reopening.
@@ -99,7 +104,8 @@ class CacheWriter:
             (a cache built by another model, weights or preprocessing is refused).
         overwrite: replace ids that exist instead of skipping them.
         batch_size: entries per transaction.
-        map_size: initial map size in bytes; doubled whenever LMDB reports the map full.
+        map_size: initial map size in bytes; grown before a transaction that might not fit, and
+            doubled whenever LMDB still reports the map full.
 
     Example:
         >>> with CacheWriter("cache", shape=(196, 768), producer={"model": "vit"}) as w:
@@ -113,7 +119,7 @@ class CacheWriter:
         self.batch_size = batch_size
         self.written = 0
         self.skipped = 0
-        self._pending = {}  # key -> (value bytes, checksum bytes)
+        self._txn = None
         self.env = open_env(self.path, readonly=False, map_size=map_size)
         try:
             self.meta = self._existing_meta()
@@ -128,9 +134,10 @@ class CacheWriter:
                 diffs = self.meta.differences(want)
                 if diffs:
                     raise MetadataMismatch(self.path, diffs)
-            self._grow_on_full(self._open_dbs)
-            self._commit({})
+            self._open_dbs()
+            self.flush()  # a new cache is a cache from here on: its metadata is committed
         except BaseException:
+            self._abort()
             self.env.close()
             raise
 
@@ -145,22 +152,28 @@ class CacheWriter:
             raise
 
     def _open_dbs(self):
-        self._db = self.env.open_db(DB_EMBEDDINGS)
-        self._crc = self.env.open_db(DB_CHECKSUMS)
-        self._meta_db = self.env.open_db(DB_META)
-
-    def _grow_on_full(self, fn):
-        """Run ``fn`` (one write transaction), doubling the map size whenever LMDB reports it full."""
         lmdb = _lmdb()
         while True:
             try:
-                return fn()
+                self._db = self.env.open_db(DB_EMBEDDINGS)
+                self._crc = self.env.open_db(DB_CHECKSUMS)
+                self._meta_db = self.env.open_db(DB_META)
+                return
             except lmdb.MapFullError:
-                new_size = self.env.info()["map_size"] * 2
-                log.debug("LMDB map full at %s: growing to %d bytes", self.path, new_size)
-                self.env.set_mapsize(new_size)
-            except lmdb.Error as e:
-                raise StoreError(f"{self.path}: write failed, the last batch was not committed ({e})") from None
+                self._grow(self.env.info()["map_size"] * 2)
+
+    def _grow(self, new_size: int) -> None:
+        log.debug("growing the LMDB map of %s to %d bytes", self.path, new_size)
+        self.env.set_mapsize(new_size)
+
+    def _ensure_room(self) -> None:
+        """Grow the map before a transaction whose ``batch_size`` values might not fit."""
+        info = self.env.info()
+        page = self.env.stat()["psize"]
+        pages_per_value = -(-self.meta.nbytes // page) + 2  # overflow pages + leaf/branch share
+        need = (info["last_pgno"] + 64 + self.batch_size * pages_per_value * 5 // 4) * page
+        if need > info["map_size"]:
+            self._grow(max(need, info["map_size"] * 2))
 
     def __enter__(self):
         return self
@@ -168,73 +181,122 @@ class CacheWriter:
     def __exit__(self, *exc):
         self.close()
 
+    def _begin(self):
+        if self._txn is None:
+            self._ensure_room()
+            self._txn = self.env.begin(write=True)
+            self._thread = threading.get_ident()
+            self._batch = []  # (key, value, crc) of this transaction, to redo it if the map fills
+            self._batch_written = 0
+        elif self._thread != threading.get_ident():
+            raise StoreError(f"{self.path}: a CacheWriter was used from two threads; "
+                             "an LMDB write transaction belongs to the thread that began it")
+        return self._txn
+
     def __contains__(self, image_id) -> bool:
-        key = _key(image_id)
-        if key in self._pending:
-            return True
-        with self.env.begin(db=self._db) as txn:
-            return txn.get(key) is not None
+        return self._begin().get(_key(image_id), db=self._db) is not None
 
     def missing(self, ids) -> list:
-        """The ids (in order) that are not in the cache yet."""
-        with self.env.begin(db=self._db, buffers=True) as txn:
-            return [i for i in ids if _key(i) not in self._pending and txn.get(_key(i)) is None]
+        """The ids (in order) that are not in the cache yet (this batch's puts count as present)."""
+        txn = self._begin()
+        return [i for i in ids if txn.get(_key(i), db=self._db) is None]
 
     def put(self, image_id, array) -> None:
-        """Queue one value; it is committed with its batch."""
-        self._queue(_key(image_id), encode(array, self.meta))
+        """Write one value (committed with its batch)."""
+        self._put(_key(image_id), encode(array, self.meta))
 
     def put_batch(self, ids, arrays) -> None:
-        """Queue a batch of values (``arrays``: leading dimension = len(ids))."""
+        """Write a batch of values (``arrays``: leading dimension = len(ids)), converted at once."""
         if len(ids) != len(arrays):
             raise StoreError(f"{len(ids)} ids for {len(arrays)} arrays")
-        raw = memoryview(encode(arrays, self.meta))  # one copy; slices below share it
+        raw = encode(arrays, self.meta)
         n = self.meta.nbytes
         for i, image_id in enumerate(ids):
-            self._queue(_key(image_id), raw[i * n:(i + 1) * n])
+            self._put(_key(image_id), raw[i * n:(i + 1) * n])
 
-    def put_raw(self, key: bytes, value: bytes, crc: bytes) -> None:
-        """Queue value bytes with their stored checksum (used by merge; sizes are checked)."""
+    def put_raw(self, key: bytes, value, crc: bytes) -> None:
+        """Write value bytes with their stored checksum (used by merge; sizes are checked)."""
         if len(value) != self.meta.nbytes:
             raise CorruptValueError(f"id {key.decode(errors='replace')!r}: value of {len(value)} bytes, "
                                     f"the cache's values have {self.meta.nbytes}")
-        self._queue(key, value, crc)
+        self._put(key, value, crc)
 
-    def _queue(self, key: bytes, value: bytes, crc: bytes = None) -> None:
-        if key in self._pending and not self.overwrite:
-            self.skipped += 1  # the same id twice in one batch: the first one stays, as across batches
-            return
-        self._pending[key] = (value, crc if crc is not None else checksum(value))
-        if len(self._pending) >= self.batch_size:
+    def _put(self, key: bytes, value, crc: bytes = None) -> None:
+        entry = (key, value, crc if crc is not None else checksum(value))
+        self._begin()
+        self._batch.append(entry)
+        try:
+            self._put_entry(entry)
+        except _lmdb().MapFullError:
+            self._redo_batch()  # the batch includes this entry
+        except _lmdb().Error as e:
+            self._fail(e)
+        if len(self._batch) >= self.batch_size:
             self.flush()
 
+    def _put_entry(self, entry) -> None:
+        key, value, crc = entry
+        if self._txn.put(key, value, db=self._db, overwrite=self.overwrite):
+            self._txn.put(key, crc, db=self._crc)
+            self._batch_written += 1
+
+    def _redo_batch(self) -> None:
+        """The map filled mid-transaction: abort, grow the map, and write the batch again.
+
+        The redo reads this batch's values again from the caller's arrays, so they must not change
+        before the batch commits (the map is grown ahead of each batch, so this path is rare).
+        """
+        lmdb = _lmdb()
+        batch = self._batch
+        while True:
+            self._abort()
+            self._grow(self.env.info()["map_size"] * 2)
+            self._begin()
+            self._batch = batch
+            try:
+                for entry in batch:
+                    self._put_entry(entry)
+                return
+            except lmdb.MapFullError:
+                continue
+            except lmdb.Error as e:
+                self._fail(e)
+
+    def _fail(self, error):
+        self._abort()
+        raise StoreError(f"{self.path}: write failed, the last batch was not committed ({error})") from None
+
     def flush(self) -> None:
-        """Commit queued values in one transaction, growing the map as needed."""
-        if self._pending:
-            self._commit(self._pending)
-            self._pending = {}
+        """Commit the open transaction with the updated metadata."""
+        lmdb = _lmdb()
+        self._begin()
+        while True:
+            try:
+                self._put_meta()
+                self._txn.commit()
+                break
+            except lmdb.MapFullError:
+                self._redo_batch()
+            except lmdb.Error as e:
+                self._fail(e)
+        self.written += self._batch_written
+        self.skipped += len(self._batch) - self._batch_written
+        self._txn = None
 
-    def _commit(self, entries: dict) -> None:
-        def write():
-            written = 0
-            with self.env.begin(write=True) as txn:
-                for key, (value, crc) in entries.items():
-                    if txn.put(key, value, db=self._db, overwrite=self.overwrite):
-                        txn.put(key, crc, db=self._crc)
-                        written += 1
-                self.meta.count = txn.stat(self._db)["entries"]
-                self.meta.updated = now_iso()
-                txn.put(META_KEY, self.meta.to_json(), db=self._meta_db)
-            return written
+    def _put_meta(self) -> None:
+        self.meta.count = self._txn.stat(self._db)["entries"]
+        self.meta.updated = now_iso()
+        self._txn.put(META_KEY, self.meta.to_json(), db=self._meta_db)
 
-        written = self._grow_on_full(write)
-        self.written += written
-        self.skipped += len(entries) - written
+    def _abort(self) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
 
     def update_producer(self, **fields) -> None:
-        """Add producer fields to the metadata (committed with the next batch or on close)."""
+        """Add producer fields to the metadata (committed now)."""
         self.meta.producer.update(fields)
-        self._commit({})
+        self.flush()
 
     def close(self) -> None:
         if self.env is None:
@@ -243,6 +305,7 @@ class CacheWriter:
             self.flush()
             self.env.sync(True)
         finally:
+            self._abort()
             self.env.close()
             self.env = None
 

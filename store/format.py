@@ -127,8 +127,11 @@ def _diff(have: dict, want: dict, prefix: str) -> list:
     return out
 
 
-def encode(array, meta: CacheMeta) -> bytes:
-    """Raw bytes of one value (or a batch, leading dimension first) in the cache's dtype."""
+def encode(array, meta: CacheMeta) -> memoryview:
+    """The raw bytes of one value (or a batch, leading dimension first) in the cache's dtype.
+
+    A view of the caller's memory where no conversion is needed (LMDB copies it on put).
+    """
     shape = tuple(array.shape)
     if shape[-len(meta.shape):] != meta.shape:
         raise ValueShapeError(f"array of shape {shape} does not fit the cache's shape {meta.shape}")
@@ -136,8 +139,8 @@ def encode(array, meta: CacheMeta) -> bytes:
         import torch
 
         t = torch.as_tensor(array).detach().to("cpu", dtype=getattr(torch, meta.dtype)).contiguous()
-        return t.view(torch.uint8).numpy().tobytes()
-    return np.ascontiguousarray(array, dtype=meta.dtype).tobytes()
+        return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return memoryview(np.ascontiguousarray(array, dtype=meta.dtype)).cast("B")
 
 
 def decode(buf, meta: CacheMeta) -> np.ndarray:

@@ -95,6 +95,33 @@ def test_map_grows_from_a_tiny_initial_map(tmp_path):
     assert verify(tmp_path / "c")["bad"] == []
 
 
+def test_map_full_mid_batch_grows_and_redoes_the_batch(tmp_path, monkeypatch):
+    """The writer grows the map ahead of each batch; if LMDB still fills it, the batch is redone."""
+    monkeypatch.setattr(CacheWriter, "_ensure_room", lambda self: None)
+    shape = (196, 768)
+    with CacheWriter(tmp_path / "c", shape=shape, map_size=64 * 1024, batch_size=16) as w:
+        w.put("dup", np.full(shape, -1, dtype=np.float16))
+        for i in range(40):
+            w.put(str(i), np.full(shape, i, dtype=np.float16))
+        w.put("dup", np.full(shape, -2, dtype=np.float16))  # skipped: exists
+    assert (w.written, w.skipped) == (41, 1)
+    with CacheReader(tmp_path / "c") as r:
+        assert len(r) == 41 and r["39"][5, 5] == 39 and r["dup"][0, 0] == -1
+    assert verify(tmp_path / "c")["bad"] == []
+
+
+def test_a_writer_refuses_a_second_thread(tmp_path):
+    import threading
+
+    with CacheWriter(tmp_path / "c", shape=SHAPE) as w:
+        w.put("a", np.zeros(SHAPE))
+        errors = []
+        t = threading.Thread(target=lambda: errors.append(pytest.raises(StoreError, w.put, "b", np.zeros(SHAPE))))
+        t.start()
+        t.join()
+    assert "used from two threads" in str(errors[0].value)
+
+
 def test_uncommitted_batch_is_lost_whole_and_committed_ones_kept(tmp_path):
     """A writer that dies before its batch commits leaves the cache as of the last commit."""
     path = tmp_path / "c"
