@@ -1,0 +1,142 @@
+"""``FusionT5Config``: a ``transformers.T5Config`` plus where and how each modality joins.
+
+The extra fields are plain JSON values so that ``save_pretrained`` writes them into
+``config.json`` beside T5's own; the methods turn them into typed objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import T5Config
+
+from .spec import (
+    DecoderDepthError,
+    FusionSpec,
+    PoolSpec,
+    PoolSpecError,
+    coerce_pools,
+    pools_to_dict,
+    validate_pools,
+)
+
+# Architecture shapes only (weights are random unless loaded with ``FusionT5ForConditionalGeneration.from_t5``).
+PRESETS: dict[str, dict[str, Any]] = {
+    # Unit tests: fast on 2 CPU cores; ByT5's 384-token vocabulary needs no tokenizer files.
+    "tiny": dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=4, num_decoder_layers=2, num_heads=4),
+    # The CPU benchmark: 12 encoder layers so every thesis fusion layer 0/3/6/9/12 exists.
+    "cpu-bench": dict(vocab_size=384, d_model=256, d_kv=64, d_ff=1024, num_layers=12, num_decoder_layers=2, num_heads=4),
+    # Shapes of the hub checkpoints, for FLOP counts and GPU timing with random weights.
+    "t5-small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
+    "t5-base": dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12),
+    "t5-large": dict(vocab_size=32128, d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_heads=16),
+}
+
+# Keys of a saved T5 config that describe the file, not the model; dropped when converting.
+_T5_FILE_KEYS = ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map")
+_FUSION_KEYS = ("fusion_spec", "pool", "modality_dims", "text_modalities", "modality_lengths")
+
+
+@strict
+class FusionT5Config(T5Config):
+    """T5 configuration with per-layer multimodal fusion.
+
+    Args (beyond ``T5Config``'s):
+        fusion_spec: ``{layer: [modality, ...]}`` (any form :meth:`FusionSpec.coerce` takes); stored
+            as ``{"0": ["question"], "6": ["image"]}``. Default: every text modality at layer 0.
+        pool: ``{modality: {"type": "attention", "length": 14}}`` (or ``"attention:14"``); vector
+            modalities absent here are not pooled.
+        modality_dims: ``{modality: D}`` feature width of every vector modality.
+        text_modalities: names of the token-id modalities. Default ``["text"]``.
+        modality_lengths: optional ``{modality: N}`` input lengths of vector modalities, used to
+            reject impossible pooling at construction and by FLOP counts.
+    """
+
+    model_type = "fusion_t5"
+
+    fusion_spec: dict | str | None = None
+    pool: dict | str | None = None
+    modality_dims: dict | None = None
+    text_modalities: list | None = None
+    modality_lengths: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if getattr(self, "decoder_start_token_id", None) is None:
+            # T5 starts decoding from the pad token; hub configs say so, bare T5Config() does not.
+            self.decoder_start_token_id = self.pad_token_id
+        if self.text_modalities is None:
+            self.text_modalities = ["text"]
+        self.text_modalities = [str(name) for name in self.text_modalities]
+        self.modality_dims = {str(k): int(v) for k, v in (self.modality_dims or {}).items()}
+        self.modality_lengths = {str(k): int(v) for k, v in (self.modality_lengths or {}).items()}
+        spec = FusionSpec.coerce(self.fusion_spec if self.fusion_spec is not None else {0: self.text_modalities})
+        self.fusion_spec = spec.to_dict()
+        self.pool = pools_to_dict(coerce_pools(self.pool))
+        self.check()
+
+    # ----------------------------------------------------------------- derived values
+    def fusion(self) -> FusionSpec:
+        """The fusion spec as a :class:`FusionSpec`."""
+        return FusionSpec.from_dict(self.fusion_spec)
+
+    def pools(self) -> dict[str, PoolSpec]:
+        """``{modality: PoolSpec}`` for every vector modality (``none`` where not configured)."""
+        pools = coerce_pools(self.pool)
+        return {name: pools.get(name, PoolSpec()) for name in self.modality_dims}
+
+    def vector_modalities(self) -> list[str]:
+        return list(self.modality_dims)
+
+    def is_text(self, name: str) -> bool:
+        return name in self.text_modalities
+
+    def to_t5_config(self) -> T5Config:
+        """The stock ``T5Config`` of the same architecture (the fusion fields dropped)."""
+        data = {k: v for k, v in self.to_dict().items() if k not in _T5_FILE_KEYS and k not in _FUSION_KEYS}
+        return T5Config(**data)
+
+    def check(self) -> None:
+        """Validates the fusion spec, pooling and decoder depth against the architecture.
+
+        Raises:
+            FusionSpecError, PoolSpecError, DecoderDepthError: with the CLI flag form in the message.
+        """
+        spec = self.fusion()
+        spec.validate(self.num_layers, self.text_modalities, self.modality_dims)
+        pools = coerce_pools(self.pool)
+        validate_pools(pools, self.modality_dims, self.modality_lengths)
+        for name, dim in self.modality_dims.items():
+            if dim < 1:
+                raise PoolSpecError(f"--modality-dim {name}={dim}: a feature width must be >= 1")
+        if not 1 <= self.num_decoder_layers:
+            raise DecoderDepthError(f"--decoder-layers {self.num_decoder_layers}: the decoder needs at least 1 block")
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> FusionT5Config:
+        """A preset architecture (a key of :data:`PRESETS`) with fusion fields in ``overrides``.
+
+        Raises:
+            KeyError: an unknown preset name, listing the known ones.
+        """
+        if name not in PRESETS:
+            raise KeyError(f"unknown T5 preset '{name}' (known: {', '.join(PRESETS)})")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_t5_config(cls, t5_config: T5Config | Mapping[str, Any], **fusion: Any) -> FusionT5Config:
+        """Wraps a stock ``T5Config`` (or its dict) with the given fusion fields.
+
+        Args:
+            t5_config: the pretrained model's config.
+            **fusion: ``fusion_spec``, ``pool``, ``modality_dims``, ``text_modalities``,
+                ``modality_lengths`` and any ``T5Config`` override (e.g. ``num_decoder_layers``).
+        """
+        data = dict(t5_config.to_dict() if isinstance(t5_config, T5Config) else t5_config)
+        for key in _T5_FILE_KEYS:
+            data.pop(key, None)
+        data.update(fusion)
+        return cls(**data)
