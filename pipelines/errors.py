@@ -1,0 +1,29 @@
+"""The data pipelines' own exceptions. Library code raises these; the CLIs turn them into messages."""
+
+
+class PipelineError(Exception):
+    """Base class of every error the data pipelines raise."""
+
+
+class VQAFormatError(PipelineError, ValueError):
+    """A VQA v2 file is missing, malformed or inconsistent; the message names file, record, problem."""
+
+
+class DatasetExistsError(PipelineError):
+    """The output folder already holds a dataset or shards; nothing is overwritten."""
+
+
+class MissingEmbeddingsError(PipelineError):
+    """Records refer to ids that a cache lacks.
+
+    Attributes:
+        modality: the cache's modality name (``image``, ``audio``, ...).
+        missing_ids: the distinct missing ids, in record order.
+        records: how many records are affected.
+    """
+
+    def __init__(self, message, modality, missing_ids, records):
+        super().__init__(message)
+        self.modality = modality
+        self.missing_ids = list(missing_ids)
+        self.records = records

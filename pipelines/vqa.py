@@ -1,0 +1,235 @@
+"""Reader of the VQA v2 layout (Goyal et al., "Making the V in VQA Matter", CVPR 2017).
+
+The layout, per split (``train``, ``val``; the synthetic shapes dataset writes the same)::
+
+    v2_OpenEnded_mscoco_{split}2014_questions.json   {"questions": [{"question_id", "image_id", "question"}]}
+    v2_mscoco_{split}2014_annotations.json           {"annotations": [{"question_id", "image_id",
+                                                       "answers": [10 x {"answer", ...}], "answer_type",
+                                                       "question_type", "multiple_choice_answer"}]}
+    {split}2014/COCO_{split}2014_{image_id:012d}.jpg
+
+Every problem is reported as ``FILE: RECORD: PROBLEM`` in a :class:`VQAFormatError`.
+"""
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import VQAFormatError
+
+ANSWERS_PER_QUESTION = 10
+_QUESTIONS_RE = re.compile(r"^v2_OpenEnded_mscoco_(\w+?)2014_questions\.json$")
+
+
+def questions_path(root, split: str) -> Path:
+    return Path(root) / f"v2_OpenEnded_mscoco_{split}2014_questions.json"
+
+
+def annotations_path(root, split: str) -> Path:
+    return Path(root) / f"v2_mscoco_{split}2014_annotations.json"
+
+
+def image_dir(root, split: str) -> Path:
+    return Path(root) / f"{split}2014"
+
+
+def image_name(split: str, image_id) -> str:
+    return f"COCO_{split}2014_{int(image_id):012d}.jpg"
+
+
+def image_path(root, split: str, image_id) -> Path:
+    """Where the official layout keeps an image, e.g. ``train2014/COCO_train2014_000000000042.jpg``."""
+    return image_dir(root, split) / image_name(split, image_id)
+
+
+@dataclass(frozen=True)
+class QARecord:
+    """One question with its 10 human answers.
+
+    Attributes:
+        question_id: the VQA question id.
+        image_id: the image id as a string (COCO's int id in decimal; the cache's key).
+        question: the question text.
+        answers: the 10 human answers, in annotation order.
+        answer_type: ``yes/no``, ``number`` or ``other``.
+        multiple_choice_answer: the official most common answer.
+        question_type: the official question type (e.g. ``what color is the``), may be empty.
+        split: the split of the source files (``train``, ``val``), which names the image folder.
+    """
+
+    question_id: int
+    image_id: str
+    question: str
+    answers: tuple
+    answer_type: str
+    multiple_choice_answer: str
+    question_type: str = ""
+    split: str = "train"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["answers"] = list(self.answers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QARecord":
+        known = cls.__dataclass_fields__
+        return cls(**{k: (tuple(v) if k == "answers" else v) for k, v in d.items() if k in known})
+
+
+def discover_splits(root) -> list:
+    """The splits under ``root`` that have a questions file, sorted."""
+    root = Path(root)
+    if not root.is_dir():
+        raise VQAFormatError(f"{root}: no such folder")
+    splits = sorted(m.group(1) for m in map(_QUESTIONS_RE.match, os.listdir(root)) if m)
+    if not splits:
+        raise VQAFormatError(f"{root}: no VQA v2 questions file "
+                             "(v2_OpenEnded_mscoco_<split>2014_questions.json)")
+    return splits
+
+
+def _load(path: Path, key: str) -> list:
+    if not path.is_file():
+        raise VQAFormatError(f"{path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise VQAFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise VQAFormatError(f"{path}: top level: expected an object with a {key!r} list")
+    return data[key]
+
+
+def _int_field(rec, field, path, label):
+    v = rec.get(field) if isinstance(rec, dict) else None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        missing = not isinstance(rec, dict) or field not in rec
+        what = "missing" if missing else f"{v!r} is not a non-negative integer"
+        raise VQAFormatError(f"{path}: {label}: {field} {what}")
+    return v
+
+
+def _str_field(rec, field, path, label, default=None):
+    v = rec.get(field, default)
+    if not isinstance(v, str):
+        what = "missing" if field not in rec else f"{v!r} is not a string"
+        raise VQAFormatError(f"{path}: {label}: {field} {what}")
+    return v
+
+
+def _label(rec, index, kind):
+    qid = rec.get("question_id") if isinstance(rec, dict) else None
+    if isinstance(qid, int) and not isinstance(qid, bool):
+        return f"{kind} {qid}"
+    return f"{kind} #{index}"
+
+
+def _read_questions(path: Path) -> dict:
+    questions = {}
+    for i, rec in enumerate(_load(path, "questions")):
+        label = _label(rec, i, "question")
+        if not isinstance(rec, dict):
+            raise VQAFormatError(f"{path}: {label}: expected an object, got {type(rec).__name__}")
+        qid = _int_field(rec, "question_id", path, label)
+        image_id = _int_field(rec, "image_id", path, label)
+        text = _str_field(rec, "question", path, label)
+        if not text.strip():
+            raise VQAFormatError(f"{path}: {label}: empty question")
+        if qid in questions:
+            raise VQAFormatError(f"{path}: {label}: duplicate question_id")
+        questions[qid] = (image_id, text)
+    return questions
+
+
+def _answers(rec, path, label) -> tuple:
+    answers = rec.get("answers")
+    if not isinstance(answers, list):
+        raise VQAFormatError(f"{path}: {label}: answers {'missing' if answers is None else 'is not a list'}")
+    if len(answers) != ANSWERS_PER_QUESTION:
+        raise VQAFormatError(f"{path}: {label}: {len(answers)} answers, expected {ANSWERS_PER_QUESTION}")
+    out = []
+    for j, a in enumerate(answers):
+        text = a.get("answer") if isinstance(a, dict) else None
+        if not isinstance(text, str):
+            raise VQAFormatError(f"{path}: {label}: answers[{j}] has no answer string")
+        out.append(text)
+    return tuple(out)
+
+
+def read_split(root, split: str, check_images: bool = True) -> list:
+    """Read one split's questions and annotations into :class:`QARecord` s (questions file order).
+
+    Args:
+        root: the folder holding the JSON files (and the image folders).
+        split: ``train``, ``val``, ...
+        check_images: require every image file to exist under ``{split}2014/``.
+
+    Raises:
+        VQAFormatError: a file is missing or malformed, a question has no annotation (or the other
+            way round), question and annotation disagree on the image, an answer list is not 10
+            long, or an image is missing.
+    """
+    qpath, apath = questions_path(root, split), annotations_path(root, split)
+    questions = _read_questions(qpath)
+    annotations = {}
+    for i, rec in enumerate(_load(apath, "annotations")):
+        label = _label(rec, i, "annotation of question")
+        if not isinstance(rec, dict):
+            raise VQAFormatError(f"{apath}: {label}: expected an object, got {type(rec).__name__}")
+        qid = _int_field(rec, "question_id", apath, label)
+        if qid in annotations:
+            raise VQAFormatError(f"{apath}: {label}: duplicate annotation")
+        if qid not in questions:
+            raise VQAFormatError(f"{apath}: {label}: no such question in {qpath.name}")
+        image_id = _int_field(rec, "image_id", apath, label)
+        if image_id != questions[qid][0]:
+            raise VQAFormatError(f"{apath}: {label}: image_id {image_id}, but {qpath.name} says "
+                                 f"{questions[qid][0]}")
+        answers = _answers(rec, apath, label)
+        answer_type = _str_field(rec, "answer_type", apath, label)
+        mca = _str_field(rec, "multiple_choice_answer", apath, label)
+        qtype = _str_field(rec, "question_type", apath, label, default="")
+        annotations[qid] = (answers, answer_type, mca, qtype)
+    for qid in questions:
+        if qid not in annotations:
+            raise VQAFormatError(f"{qpath}: question {qid}: no annotation in {apath.name}")
+    if check_images:
+        _check_images(root, split, qpath, questions)
+    records = []
+    for qid, (image_id, text) in questions.items():
+        answers, answer_type, mca, qtype = annotations[qid]
+        records.append(QARecord(question_id=qid, image_id=str(image_id), question=text, answers=answers,
+                                answer_type=answer_type, multiple_choice_answer=mca, question_type=qtype,
+                                split=split))
+    return records
+
+
+def _check_images(root, split, qpath, questions):
+    folder = image_dir(root, split)
+    if not folder.is_dir():
+        raise VQAFormatError(f"{folder}: no such image folder (needed by {qpath.name}; "
+                             "skip the image check to read the questions without images)")
+    present = set(os.listdir(folder))  # one listing, not one stat per question
+    for qid, (image_id, _) in questions.items():
+        name = image_name(split, image_id)
+        if name not in present:
+            raise VQAFormatError(f"{qpath}: question {qid}: unknown image {image_id} "
+                                 f"(no {folder.name}/{name})")
+
+
+def read_vqa(root, splits=None, check_images: bool = True) -> list:
+    """Read and concatenate several splits (default: every split found under ``root``)."""
+    splits = discover_splits(root) if splits is None else list(splits)
+    records, seen = [], {}
+    for split in splits:
+        for rec in read_split(root, split, check_images=check_images):
+            if rec.question_id in seen:
+                raise VQAFormatError(f"{questions_path(root, split)}: question {rec.question_id}: "
+                                     f"question_id also used in split {seen[rec.question_id]!r}")
+            seen[rec.question_id] = split
+            records.append(rec)
+    return records

@@ -1,0 +1,194 @@
+"""The VQA v2 reader on good and broken files (exact messages), the image paths, and the splits."""
+
+import json
+
+import pytest
+
+from pipelines.splits import split_records
+from pipelines.vqa import (
+    QARecord, VQAFormatError, annotations_path, discover_splits, image_path, questions_path, read_split,
+    read_vqa,
+)
+
+
+def write_vqa(root, split="train", images=(1, 2, 3), per_image=2, write_images=True):
+    """A tiny dataset in the official layout; returns (questions dict, annotations dict)."""
+    root.mkdir(parents=True, exist_ok=True)
+    questions, annotations = [], []
+    for image_id in images:
+        for k in range(per_image):
+            qid = image_id * 1000 + k
+            questions.append({"image_id": image_id, "question": f"Question {qid}?", "question_id": qid})
+            answers = ["yes"] * 8 + ["no", "yes"]
+            annotations.append({"question_id": qid, "image_id": image_id, "question_type": "is the",
+                                "answer_type": "yes/no", "multiple_choice_answer": "yes",
+                                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
+                                            for j, a in enumerate(answers)]})
+        if write_images:
+            path = image_path(root, split, image_id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"jpeg")
+    q = {"questions": questions}
+    a = {"annotations": annotations}
+    save(root, split, q, a)
+    return q, a
+
+
+def save(root, split, q=None, a=None):
+    if q is not None:
+        questions_path(root, split).write_text(json.dumps(q))
+    if a is not None:
+        annotations_path(root, split).write_text(json.dumps(a))
+
+
+def test_reads_the_official_layout(tmp_path):
+    write_vqa(tmp_path)
+    records = read_split(tmp_path, "train")
+    assert len(records) == 6
+    r = records[0]
+    assert r == QARecord(question_id=1000, image_id="1", question="Question 1000?",
+                         answers=("yes",) * 8 + ("no", "yes"), answer_type="yes/no",
+                         multiple_choice_answer="yes", question_type="is the", split="train")
+    assert QARecord.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    assert image_path(tmp_path, "val", 42).name == "COCO_val2014_000000000042.jpg"
+    assert image_path(tmp_path, "train", 0).relative_to(tmp_path).as_posix() == \
+        "train2014/COCO_train2014_000000000000.jpg"
+
+
+def test_pools_splits_and_finds_them(tmp_path):
+    write_vqa(tmp_path, "train", images=(1, 2))
+    write_vqa(tmp_path, "val", images=(3,))
+    assert discover_splits(tmp_path) == ["train", "val"]
+    records = read_vqa(tmp_path)
+    assert [r.split for r in records] == ["train"] * 4 + ["val"] * 2
+    assert len(read_vqa(tmp_path, splits=["val"])) == 2
+
+
+def test_image_check_can_be_skipped(tmp_path):
+    write_vqa(tmp_path, write_images=False)
+    qpath = questions_path(tmp_path, "train")
+    with pytest.raises(VQAFormatError) as e:
+        read_split(tmp_path, "train")
+    assert str(e.value) == (f"{tmp_path / 'train2014'}: no such image folder (needed by {qpath.name}; "
+                            "skip the image check to read the questions without images)")
+    assert len(read_split(tmp_path, "train", check_images=False)) == 6
+
+
+def _broken(tmp_path, edit):
+    q, a = write_vqa(tmp_path)
+    edit(q, a, tmp_path)
+    save(tmp_path, "train", q, a)
+    with pytest.raises(VQAFormatError) as e:
+        read_split(tmp_path, "train")
+    return str(e.value)
+
+
+def test_broken_files_name_file_record_and_problem(tmp_path):
+    qp, ap = questions_path(tmp_path, "train"), annotations_path(tmp_path, "train")
+
+    def nine_answers(q, a, root):
+        a["annotations"][1]["answers"].pop()
+    assert _broken(tmp_path, nine_answers) == f"{ap}: annotation of question 1001: 9 answers, expected 10"
+
+    def no_annotation(q, a, root):
+        a["annotations"].pop(2)
+    assert _broken(tmp_path, no_annotation) == \
+        f"{qp}: question 2000: no annotation in v2_mscoco_train2014_annotations.json"
+
+    def orphan_annotation(q, a, root):
+        q["questions"].pop(0)
+    assert _broken(tmp_path, orphan_annotation) == \
+        f"{ap}: annotation of question 1000: no such question in v2_OpenEnded_mscoco_train2014_questions.json"
+
+    def unknown_image(q, a, root):
+        image_path(root, "train", 3).unlink()
+    assert _broken(tmp_path, unknown_image) == \
+        f"{qp}: question 3000: unknown image 3 (no train2014/COCO_train2014_000000000003.jpg)"
+
+    def other_image(q, a, root):
+        a["annotations"][0]["image_id"] = 2
+    assert _broken(tmp_path, other_image) == \
+        (f"{ap}: annotation of question 1000: image_id 2, "
+         "but v2_OpenEnded_mscoco_train2014_questions.json says 1")
+
+    def duplicate(q, a, root):
+        q["questions"][1]["question_id"] = 1000
+    assert _broken(tmp_path, duplicate) == f"{qp}: question 1000: duplicate question_id"
+
+    def bad_id(q, a, root):
+        q["questions"][0]["image_id"] = "one"
+    assert _broken(tmp_path, bad_id) == f"{qp}: question 1000: image_id 'one' is not a non-negative integer"
+
+    def no_text(q, a, root):
+        del q["questions"][0]["question"]
+    assert _broken(tmp_path, no_text) == f"{qp}: question 1000: question missing"
+
+    def answer_not_text(q, a, root):
+        a["annotations"][0]["answers"][3] = {"answer": 3}
+    assert _broken(tmp_path, answer_not_text) == \
+        f"{ap}: annotation of question 1000: answers[3] has no answer string"
+
+    def not_a_list(q, a, root):
+        q["questions"] = {"a": 1}
+    assert _broken(tmp_path, not_a_list) == f"{qp}: top level: expected an object with a 'questions' list"
+
+    def no_qid(q, a, root):
+        del a["annotations"][4]["question_id"]
+    assert _broken(tmp_path, no_qid) == f"{ap}: annotation of question #4: question_id missing"
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(VQAFormatError, match="no such folder"):
+        discover_splits(tmp_path / "nowhere")
+    with pytest.raises(VQAFormatError) as e:
+        discover_splits(tmp_path)
+    assert str(e.value) == (f"{tmp_path}: no VQA v2 questions file "
+                            "(v2_OpenEnded_mscoco_<split>2014_questions.json)")
+    write_vqa(tmp_path)
+    annotations_path(tmp_path, "train").unlink()
+    with pytest.raises(VQAFormatError) as e:
+        read_split(tmp_path, "train")
+    assert str(e.value) == f"{annotations_path(tmp_path, 'train')}: no such file"
+    questions_path(tmp_path, "train").write_text("{not json")
+    with pytest.raises(VQAFormatError, match=r"questions.json: not valid JSON \(Expecting property name"):
+        read_split(tmp_path, "train")
+
+
+def test_question_ids_unique_across_splits(tmp_path):
+    write_vqa(tmp_path, "train", images=(1,))
+    write_vqa(tmp_path, "val", images=(1,))
+    with pytest.raises(VQAFormatError) as e:
+        read_vqa(tmp_path)
+    assert str(e.value) == \
+        f"{questions_path(tmp_path, 'val')}: question 1000: question_id also used in split 'train'"
+
+
+def _records(n_images, per_image=5):
+    return [{"image_id": str(i), "question_id": i * 1000 + k}
+            for i in range(n_images) for k in range(per_image)]
+
+
+def test_split_by_image_keeps_images_on_one_side():
+    records = _records(100)
+    train, evals = split_records(records, seed=0)
+    assert len(evals) == 100 and len(train) == 400  # 20 of 100 images, 5 questions each
+    assert not {r["image_id"] for r in train} & {r["image_id"] for r in evals}
+    assert train == [r for r in records if r in train]  # order kept
+    # the split depends on the seed and the ids only, not the order of the records
+    again = split_records(list(reversed(records)), seed=0)
+    assert {r["question_id"] for r in again[1]} == {r["question_id"] for r in evals}
+    assert split_records(records, seed=1)[1] != evals
+
+
+def test_split_by_question_and_bad_arguments():
+    records = _records(10, per_image=10)
+    train, evals = split_records(records, by="question", eval_fraction=0.25, seed=3)
+    assert len(evals) == 25 and len(train) == 75
+    assert {r["image_id"] for r in train} & {r["image_id"] for r in evals}  # images on both sides
+    with pytest.raises(ValueError, match="^--split-by pixel: choose one of image, question$"):
+        split_records(records, by="pixel")
+    with pytest.raises(ValueError, match="^--eval-fraction 1.0: must be between 0 and 1$"):
+        split_records(records, eval_fraction=1.0)
+    with pytest.raises(ValueError, match="need at least 2 to split"):
+        split_records(_records(1))
+    assert [len(s) for s in split_records(_records(2, 1), eval_fraction=0.01)] == [1, 1]
