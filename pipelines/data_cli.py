@@ -1,0 +1,167 @@
+"""``vqa-data``: write the synthetic shapes dataset, QA shards, and check shards against caches."""
+
+import functools
+import json
+import logging
+import sys
+
+import click
+
+from store import StoreError
+
+from .errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+
+def _fail_cleanly(fn):
+    """Library errors become one line on stderr and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (PipelineError, StoreError, OSError) as e:
+            raise click.ClickException(str(e)) from None
+        except ValueError as e:  # config validation: names the flag
+            raise click.UsageError(str(e)) from None
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="where-to-fuse")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def cli(verbose):
+    """Data steps of stage 2: the synthetic shapes dataset, QA shards, cache checks.
+
+    Example:
+
+        vqa-data shapes data/shapes --images 2000 && vqa-data shards data/shapes data/qa
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--images", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Number of images.")
+@click.option("--seed", default=0, show_default=True, help="Seed: the same seed writes the same bytes.")
+@click.option("--size", default=96, show_default=True, help="Image side in pixels.")
+@click.option("--questions-per-image", default=5, show_default=True)
+@click.option("--split", default="train", show_default=True, help="Split name in the file names.")
+@_fail_cleanly
+def shapes(out, images, seed, size, questions_per_image, split):
+    """Write the synthetic shapes dataset to OUT in the VQA v2 layout.
+
+    Coloured shapes on a 3x3 grid; questions about colour, shape, presence, count, position and
+    relations, 10 answers each. Prints the question-only baseline (answering from the question
+    text alone, fitted on 80% of the images, scored on the rest).
+
+    Example:
+
+        vqa-data shapes data/shapes --images 2000 --seed 0
+    """
+    from .metric import question_only_baseline
+    from .shapes import write_shapes
+    from .splits import split_records
+    from .vqa import read_split
+
+    with click.progressbar(length=images, label="images", file=sys.stderr) as bar:
+        summary = write_shapes(out, images=images, seed=seed, size=size, split=split,
+                               questions_per_image=questions_per_image, progress=bar.update)
+    line = (f"wrote {summary['images']} images, {summary['questions']} questions to {out} "
+            f"({', '.join(f'{k}: {v}' for k, v in summary['answer_types'].items())})")
+    records = read_split(out, split, check_images=False)
+    if len({r.image_id for r in records}) >= 2:
+        train, evals = split_records(records, seed=seed)
+        line += f"; question-only baseline {100 * question_only_baseline(train, evals):.1f}%"
+    click.echo(line)
+
+
+@cli.command()
+@click.argument("vqa_dir", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--split-by", type=click.Choice(["image", "question"]), default="image", show_default=True,
+              help="image: no image on both sides; question: a random slice of questions.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--eval-fraction", default=0.2, show_default=True)
+@click.option("--shard-size", default=1000, show_default=True, help="Records per shard at most.")
+@click.option("--splits", default=None, help="Comma-separated splits of VQA_DIR to pool [all found].")
+@click.option("--no-check-images", is_flag=True, help="Do not require the image files to exist.")
+@_fail_cleanly
+def shards(vqa_dir, out, split_by, seed, eval_fraction, shard_size, splits, no_check_images):
+    """Split a VQA v2 folder into train and eval and write them as WebDataset shards to OUT.
+
+    VQA_DIR is the official layout (or `vqa-data shapes` output); all its splits are pooled and
+    split 80/20. OUT gets train-*.tar, eval-*.tar and manifest.json.
+
+    Example:
+
+        vqa-data shards data/shapes data/qa --split-by image --seed 0
+    """
+    from .shards import write_qa_shards
+
+    manifest = write_qa_shards(vqa_dir, out, split_by=split_by, seed=seed, eval_fraction=eval_fraction,
+                               shard_size=shard_size, splits=splits.split(",") if splits else None,
+                               check_images=not no_check_images)
+    t, e = manifest["train"], manifest["eval"]
+    click.echo(f"train: {t['count']} questions, {t['images']} images, {len(t['shards'])} shards; "
+               f"eval: {e['count']} questions, {e['images']} images, {len(e['shards'])} shards -> {out}")
+
+
+def _parse_caches(values) -> dict:
+    caches = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise click.UsageError(f"--cache {v}: expected NAME=PATH, e.g. --cache image=cache/")
+        caches[name] = path
+    return caches
+
+
+@cli.command()
+@click.argument("shard_dir", type=click.Path(file_okay=False))
+@click.option("--cache", "caches", multiple=True, required=True, metavar="NAME=PATH",
+              help="A vector modality's cache; repeat for several modalities.")
+@click.option("--expect", default=None, metavar="JSON",
+              help='Expected metadata per modality, e.g. \'{"image": {"shape": [196, 768]}}\'.')
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_fail_cleanly
+def check(shard_dir, caches, expect, as_json):
+    """Check that the caches hold an embedding for every record of SHARD_DIR (train and eval).
+
+    Exits 1 naming the missing ids (up to 5 examples per cache), or a cache whose metadata differs
+    from --expect.
+
+    Example:
+
+        vqa-data check data/qa --cache image=cache/ --expect '{"image": {"shape": [196, 768]}}'
+    """
+    from .shards import shard_paths
+    from .stream import StreamConfig, check_stream
+
+    try:
+        expect = json.loads(expect) if expect else {}
+    except ValueError as e:
+        raise click.UsageError(f"--expect: not valid JSON ({e})") from None
+    caches = _parse_caches(caches)
+    report = {}
+    for side in ("train", "eval"):
+        config = StreamConfig(shards=shard_paths(shard_dir, side), caches=caches, expect=expect)
+        r = check_stream(config)
+        report[side] = {"records": r.records, "missing": r.missing}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        click.echo(f"ok: every id of {report['train']['records']} train and {report['eval']['records']} "
+                   f"eval records is in {', '.join(f'{k}={v}' for k, v in caches.items())}")
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""QA records as WebDataset tar shards.
+
+One sample per question: ``__key__`` = the question id, ``json`` = the record
+(:meth:`QARecord.to_dict <pipelines.vqa.QARecord.to_dict>`). Shards are written through
+:class:`store.AtomicShardWriter` (``NAME.tmp``, renamed when complete), so a shard appears under its
+name only once whole. A shard folder holds ``train-000000.tar ...``, ``eval-000000.tar ...`` and,
+written last, ``manifest.json`` (how the shards were made, and the shard names and counts): a folder
+without a manifest is an unfinished run.
+"""
+
+import datetime as _dt
+import json
+import math
+import os
+from pathlib import Path
+
+from store import AtomicShardWriter
+
+from .errors import DatasetExistsError, PipelineError
+from .splits import split_records
+from .vqa import QARecord, read_vqa
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "where-to-fuse/qa-shards"
+SIDES = ("train", "eval")
+
+
+def record_dict(record) -> dict:
+    return record.to_dict() if isinstance(record, QARecord) else dict(record)
+
+
+def write_shards(records, pattern, shard_size: int = 1000, min_shards: int = 1) -> list:
+    """Write records to shards named by ``pattern`` (e.g. ``out/train-%06d.tar``).
+
+    Args:
+        records: :class:`QARecord` s or record dicts.
+        pattern: shard path pattern with one ``%d``-style field.
+        shard_size: at most this many records per shard.
+        min_shards: make at least this many shards when there are enough records (so that nodes
+            and DataLoader workers, which split by shard, each get some).
+
+    Returns:
+        The shard paths, in order.
+    """
+    records = list(records)
+    if not records:
+        raise PipelineError(f"{pattern}: no records to write")
+    if shard_size < 1:
+        raise ValueError(f"--shard-size {shard_size}: must be at least 1")
+    per_shard = max(1, min(shard_size, math.ceil(len(records) / max(min_shards, 1))))
+    Path(str(pattern) % 0).parent.mkdir(parents=True, exist_ok=True)
+    # a whole-second mtime: no PAX header per member (half the tar parsing), reproducible bytes
+    with AtomicShardWriter(str(pattern), maxcount=per_shard, mtime=0) as sink:
+        for r in records:
+            d = record_dict(r)
+            sink.write({"__key__": str(d["question_id"]), "json": json.dumps(d).encode("utf-8")})
+    return list(sink.shards)
+
+
+def _refuse_existing(out: Path) -> None:
+    if (out / MANIFEST).exists() or any(out.glob("*.tar")) or any(out.glob("*.tar.tmp")):
+        raise DatasetExistsError(f"{out} already holds shards: write to another folder or delete it first")
+
+
+def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_fraction: float = 0.2,
+                    shard_size: int = 1000, min_shards: int = 8, splits=None,
+                    check_images: bool = True) -> dict:
+    """Read a VQA v2 folder, split it 80/20 (by default) and write train and eval shards.
+
+    Args:
+        vqa_dir: folder in the VQA v2 layout (the official data or :mod:`pipelines.shapes`).
+        out: output folder; must not hold shards already.
+        split_by, seed, eval_fraction: see :func:`pipelines.splits.split_records`.
+        shard_size, min_shards: see :func:`write_shards`.
+        splits: which splits of ``vqa_dir`` to pool (default: all found).
+        check_images: require every image file to exist.
+
+    Returns:
+        The manifest (also written to ``out/manifest.json``).
+    """
+    out = Path(out)
+    _refuse_existing(out)
+    records = read_vqa(vqa_dir, splits=splits, check_images=check_images)
+    train, evals = split_records(records, by=split_by, eval_fraction=eval_fraction, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format": MANIFEST_FORMAT, "version": 1,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": str(Path(vqa_dir).resolve()), "splits": sorted({r.split for r in records}),
+        "split_by": split_by, "seed": seed, "eval_fraction": eval_fraction, "shard_size": shard_size,
+        "images": len({r.image_id for r in records}),
+    }
+    for side, recs in (("train", train), ("eval", evals)):
+        paths = write_shards(recs, out / f"{side}-%06d.tar", shard_size=shard_size, min_shards=min_shards)
+        manifest[side] = {"count": len(recs), "images": len({r.image_id for r in recs}),
+                          "shards": [Path(p).name for p in paths]}
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def read_manifest(out) -> dict:
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such file (not a shard folder, or `vqa-data shards` did not finish)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise PipelineError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise PipelineError(f"{path}: not a {MANIFEST_FORMAT} manifest")
+    return manifest
+
+
+def shard_paths(out, side: str) -> list:
+    """The shard paths of one side (``train`` or ``eval``) of a shard folder, from its manifest."""
+    if side not in SIDES:
+        raise ValueError(f"side {side!r}: choose one of {', '.join(SIDES)}")
+    manifest = read_manifest(out)
+    paths = [str(Path(out) / name) for name in manifest[side]["shards"]]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise PipelineError(f"{p}: shard listed in {Path(out) / MANIFEST} is missing")
+    return paths
