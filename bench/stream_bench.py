@@ -1,0 +1,120 @@
+"""Training stream vs bare cache reads, side by side, in samples/s.
+
+Builds, in a temporary folder, a cache of real-sized values (196x768 float16, random) and QA shards
+of synthetic-shapes questions for the same images (5 per image), then times, after a warm-up epoch
+that brings everything into the page cache, the best of 3 runs of:
+
+- bare cache reads: ``reader[id]`` in one process, for the very ids the stream yielded, in its order;
+- batch assembly only: the stream's copy of those values into (B, 196, 768) batches, one process;
+- the stream without cache values: shards, shuffle, JSON decode, tokenize, collate, 2 workers;
+- the training stream: all of it, the values attached in the loading process (2 workers).
+
+Target: the training stream at >= 0.8 of the bare reads.
+
+Usage:
+    python bench/stream_bench.py [--images 2000] [--questions 5] [--batch-size 64] [--workers 2]
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pipelines.shapes import make_image  # noqa: E402
+from pipelines.shards import write_shards  # noqa: E402
+from pipelines.stream import StreamConfig, train_loader  # noqa: E402
+from pipelines.batch import AttachVectors, open_cache  # noqa: E402
+from store import CacheWriter  # noqa: E402
+
+SHAPE = (196, 768)
+
+
+def build(tmp, images, questions):
+    records = []
+    rng = np.random.default_rng(0)
+    with CacheWriter(os.path.join(tmp, "cache"), shape=SHAPE, dtype="float16",
+                     producer={"model": "random"}) as w:
+        for index in range(images):
+            _, image_id, qas = make_image(0, index, questions)
+            w.put(str(image_id), rng.standard_normal(SHAPE, dtype=np.float32))
+            for qa in qas:
+                records.append({**qa, "image_id": str(image_id), "split": "train"})
+    shards = write_shards(records, os.path.join(tmp, "qa", "train-%06d.tar"), min_shards=8)
+    return shards, len(records)
+
+
+def run_stream(loader):
+    """``(ids in stream order, seconds from start, seconds from the first batch on, records)``."""
+    ids, t0, t1, first = [], time.perf_counter(), None, 0
+    for batch in loader:
+        if t1 is None:
+            t1, first = time.perf_counter(), len(batch["image_id"])
+        ids += batch["image_id"]
+    t2 = time.perf_counter()
+    return ids, t2 - t0, t2 - t1, len(ids) - first
+
+
+def run_bare(cache, ids):
+    r = open_cache(cache)  # the process' reader: LMDB allows one environment per file per process
+    t0 = time.perf_counter()
+    for i in ids:
+        r[i]
+    return time.perf_counter() - t0
+
+
+def run_assembly(cache, ids, batch_size):
+    attach = AttachVectors({"image": open_cache(cache)})
+    t0 = time.perf_counter()
+    for k in range(0, len(ids), batch_size):
+        attach.values("image", ids[k:k + batch_size])
+    return time.perf_counter() - t0
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--questions", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each; the best is reported")
+    args = p.parse_args()
+    mb = float(np.prod(SHAPE)) * 2 / 1e6
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        shards, n = build(tmp, args.images, args.questions)
+        cache = os.path.join(tmp, "cache")
+        print(f"built {args.images} cache entries of {SHAPE} float16 and {n} records "
+              f"({args.questions} per image) in {len(shards)} shards in {time.perf_counter() - t0:.1f}s; "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (other processes skew the rates)")
+        config = StreamConfig(shards=shards, caches={"image": cache}, batch_size=args.batch_size,
+                              num_workers=args.workers, shuffle_buffer=1000)
+        ids = run_stream(train_loader(config))[0]  # warm-up: page cache, imports
+        assert len(ids) == n, (len(ids), n)
+        bare = min(run_bare(cache, ids) for _ in range(args.repeats))
+        rows.append(("bare cache reads, stream's ids (1 process)", n / bare))
+        asm = min(run_assembly(cache, ids, args.batch_size) for _ in range(args.repeats))
+        rows.append((f"batch assembly only (cache -> (B, {SHAPE[0]}, {SHAPE[1]}))", n / asm))
+        runs = [run_stream(train_loader(config).loader) for _ in range(args.repeats)]
+        rows.append((f"stream without cache values ({args.workers} workers)",
+                     max(k / t for _, _, t, k in runs)))
+        runs = [run_stream(train_loader(config)) for _ in range(args.repeats)]
+        rows.append((f"training stream ({args.workers} workers, batch {args.batch_size})",
+                     max(k / t for _, _, t, k in runs)))
+        rows.append(("  same, epoch time incl. starting workers", n / min(t for _, t, _, _ in runs)))
+    print(f"{'':52}{'samples/s':>10}{'MB/s':>8}{'x bare':>8}")
+    for name, rate in rows:
+        print(f"{name:52}{rate:10,.0f}{rate * mb:8,.0f}{rate * bare / n:8.2f}")
+    ratio = rows[3][1] * bare / n
+    verdict = "met" if ratio >= 0.8 else "NOT met"
+    print(f"training stream / bare reads = {ratio:.2f} (target >= 0.80: {verdict}); "
+          "steady-state rates exclude the first batch")
+
+
+if __name__ == "__main__":
+    main()

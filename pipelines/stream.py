@@ -1,0 +1,280 @@
+"""The training and eval streams: QA shards joined with embedding caches, tokenized and batched.
+
+Training (:func:`train_loader`) runs a ``wds.DataPipeline`` (:func:`train_pipeline`) in the
+DataLoader workers::
+
+    shard list (shuffled per epoch; or resampled) -> split by node -> split by DataLoader worker
+    -> tar members -> shuffle buffer (seeded per epoch, rank and worker) -> JSON decode (nothing
+    else: no pickle) -> record -> [drop records with missing ids, if allowed] -> batch: tokenize, pad
+
+and attaches each vector modality's cache values by id in the loading process, one copy from the
+cache's memory map into the batch (why there and not in the workers: :mod:`pipelines.batch`).
+Every stage is a module-level function or class, so the pipeline pickles into spawned workers; a
+:class:`store.CacheReader` travels as its path and opens read-only, lazily, in each process.
+
+Every record is read exactly once per epoch across nodes and workers when the shards are not
+resampled: shards, not records, are dealt out (shard i to node i mod N, then to worker j mod W
+within the node), so shards should outnumber nodes x workers (``vqa-data shards`` makes at least
+8); a worker with no shard yields nothing, and uneven shards give ranks different numbers of
+batches, which a DDP loop must allow for. For DDP training prefer ``resample=True``: an endless
+stream, each worker drawing shards with replacement, and count steps.
+
+Eval (:func:`eval_loader`) reads its records once, in shard order, into a list; rank r of W takes
+records r, r+W, r+2W, ... (ranks differ by at most one record, none is read twice, and sums such as
+:meth:`pipelines.metric.VQAScore.state` combine exactly), and a map-style ``DataLoader`` keeps that
+order whatever the number of workers.
+
+A batch is a dict:
+
+================== ============================ ==============================================
+key                type                         what
+================== ============================ ==============================================
+``input_ids``      int64 tensor (B, Lq)         question tokens, right padded with pad id
+``attention_mask`` int64 tensor (B, Lq)         1 for question tokens, 0 for padding
+``labels``         int64 tensor (B, La)         target answer tokens (with EOS), -100 padding
+``vectors``        dict name -> tensor (B, ...) each modality's values, e.g. (B, 196, 768), in
+                                                the cache's dtype (float16, bfloat16, float32)
+``ids``            dict name -> list of B str   each modality's ids
+``question_id``    int64 tensor (B,)
+``image_id``       list of B str
+``question``       list of B str
+``answers``        list of B lists of 10 str    for :class:`pipelines.metric.VQAScore`
+``answer_type``    list of B str
+``target``         list of B str                the most frequent answer (the labels' text)
+================== ============================ ==============================================
+"""
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+
+import torch
+import webdataset as wds
+from webdataset.utils import make_seed, pytorch_worker_info
+
+from .batch import DEFAULT_ID_FIELD, AttachVectors, Collate, DropMissing, VectorLoader, as_is, open_cache
+from .errors import PipelineError
+from .preflight import PreflightReport, preflight
+
+log = logging.getLogger(__name__)
+
+RECORD_FIELDS = ("question_id", "image_id", "question", "answers", "answer_type")
+
+
+@dataclass
+class StreamConfig:
+    """How to stream one side (train or eval) of a shard folder.
+
+    Attributes:
+        shards: shard paths, or one brace pattern (``qa/train-{000000..000007}.tar``).
+        caches: modality name -> cache path, e.g. ``{"image": "cache/"}`` (``--cache image=PATH``).
+        id_fields: modality -> the record field holding its id (default ``image_id``).
+        expect: modality -> partial cache metadata the model needs, e.g.
+            ``{"image": {"shape": [196, 768], "producer": {"model": "vit_base_patch16_224"}}}``.
+        tokenizer: ``byt5`` (no files needed) or a Hugging Face tokenizer name or folder.
+        batch_size: records per batch (the last batch may be smaller).
+        num_workers: DataLoader worker processes.
+        shuffle_buffer: records in the training shuffle buffer (0 or 1: no shuffling).
+        seed: seed of the shard order and the shuffle buffer (combined with epoch, rank, worker).
+        resample: draw training shards with replacement, endlessly (for DDP; count steps).
+        allow_missing: drop records whose id a cache lacks instead of failing (counted by
+            :func:`preflight`).
+        max_question_len, max_answer_len: token limits, longer texts are truncated (ByT5 tokens are
+            bytes: the shapes questions take up to 70).
+    """
+
+    shards: list
+    caches: dict
+    id_fields: dict = field(default_factory=dict)
+    expect: dict = field(default_factory=dict)
+    tokenizer: str = "byt5"
+    batch_size: int = 32
+    num_workers: int = 2
+    shuffle_buffer: int = 2000
+    seed: int = 0
+    resample: bool = False
+    allow_missing: bool = False
+    max_question_len: int = 128
+    max_answer_len: int = 32
+
+    def __post_init__(self):
+        if isinstance(self.shards, str):
+            self.shards = wds.shardlists.expand_urls(self.shards)
+        self.shards = [str(s) for s in self.shards]
+        if not self.shards:
+            raise ValueError("--shards: no shard files given")
+        if not self.caches:
+            raise ValueError("--cache: give at least one vector modality, e.g. --cache image=cache/")
+        self.caches = {str(k): v for k, v in self.caches.items()}
+        for name in list(self.id_fields) + list(self.expect):
+            if name not in self.caches:
+                raise ValueError(f"--cache {name}=PATH: {name!r} has an id field or expectation but no cache")
+        for what, n, low in (("--batch-size", self.batch_size, 1), ("--num-workers", self.num_workers, 0),
+                             ("--shuffle-buffer", self.shuffle_buffer, 0),
+                             ("--max-question-len", self.max_question_len, 1),
+                             ("--max-answer-len", self.max_answer_len, 2)):
+            if not isinstance(n, int) or n < low:
+                raise ValueError(f"{what} {n}: must be an integer >= {low}")
+
+    def id_field(self, modality: str) -> str:
+        return self.id_fields.get(modality, DEFAULT_ID_FIELD)
+
+
+def rank_info():
+    """``(rank, world_size)`` from torch.distributed or the RANK / WORLD_SIZE variables."""
+    rank, world_size, _, _ = pytorch_worker_info()
+    return rank, world_size
+
+
+# ---- stages -------------------------------------------------------------------------------------
+
+def decode_json(key: str, data: bytes):
+    """The one decoder handler of the stream: JSON members only (never pickle or torch.load)."""
+    if key.lower().endswith(".json"):
+        return json.loads(data)
+    return None
+
+
+def parse_record(sample: dict) -> dict:
+    """A decoded tar sample -> the QA record dict, checked for the fields the stream needs."""
+    rec = sample.get("json")
+    where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
+    if not isinstance(rec, dict):
+        raise PipelineError(f"{where}: no JSON record")
+    for name in RECORD_FIELDS:
+        if name not in rec:
+            raise PipelineError(f"{where}: record has no {name}")
+    return rec
+
+
+class Shuffle:
+    """Shuffle buffer seeded by (seed, epoch, rank, worker): reproducible, different per worker."""
+
+    def __init__(self, bufsize: int, seed: int = 0, epoch: int = 0):
+        self.bufsize, self.seed, self.epoch = bufsize, seed, epoch
+
+    def __call__(self, src):
+        if self.bufsize <= 1:
+            return src
+        rank, _, worker, _ = pytorch_worker_info()
+        rng = random.Random(make_seed(self.seed, self.epoch, rank, worker))
+        return wds.shuffle(self.bufsize, min(self.bufsize, 100), rng=rng)(src)
+
+
+# ---- caches ----------------------------------------------------------------------------------------
+
+def open_caches(config: "StreamConfig") -> dict:
+    """This process' reader of each modality's cache, checked against ``config.expect``.
+
+    Raises:
+        store.MetadataMismatch: a cache was built with other settings than the model expects.
+        store.NotACacheError: a path holds no cache.
+    """
+    return {name: open_cache(path, config.expect.get(name)) for name, path in config.caches.items()}
+
+
+def make_collate(config: "StreamConfig") -> Collate:
+    collate = Collate({name: config.id_field(name) for name in config.caches}, config.tokenizer,
+                      config.max_question_len, config.max_answer_len)
+    collate.tokenizer  # a bad tokenizer fails here, not in a worker (it is not pickled)
+    return collate
+
+
+def read_records(shards) -> list:
+    """Every record of the shards, in shard order, in this process (eval sets, pre-flight checks)."""
+    shards = wds.shardlists.expand_urls(shards) if isinstance(shards, str) else [str(s) for s in shards]
+    pipe = wds.DataPipeline(
+        wds.SimpleShardList(shards),
+        wds.tarfile_to_samples(),
+        wds.decode(decode_json, only=["json"], post=[]),
+        wds.map(parse_record),
+    )
+    return list(pipe)
+
+
+def check_stream(config: StreamConfig) -> PreflightReport:
+    """The pre-flight check of a config: caches match their expectations, every id is present.
+
+    Call it once before training; the training stream then skips (``allow_missing``) or fails on
+    missing ids it meets.
+    """
+    return preflight(read_records(config.shards), open_caches(config), config.id_fields,
+                     config.allow_missing)
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+def train_pipeline(config: StreamConfig, epoch: int = 0) -> wds.DataPipeline:
+    """The workers' part of the training stream: a ``wds.DataPipeline`` of :class:`Collate` batches
+    (tokens, ids; no cache values yet: :func:`train_loader` attaches them). Rebuild it, or pass
+    ``epoch``, per epoch: the shard order and the shuffle depend on it.
+
+    Raises:
+        store.MetadataMismatch, store.NotACacheError: see :func:`open_caches`.
+    """
+    readers = open_caches(config)
+    epoch_seed = make_seed(config.seed, epoch)
+    if config.resample:
+        source = [wds.ResampledShards(config.shards, seed=epoch_seed, deterministic=True)]
+    else:
+        _, world = rank_info()
+        if len(config.shards) < world * max(config.num_workers, 1):
+            log.warning("%d shards for %d nodes x %d workers: some workers get no data",
+                        len(config.shards), world, max(config.num_workers, 1))
+        source = [wds.SimpleShardList(config.shards, seed=epoch_seed),  # the same order on every node
+                  wds.split_by_node, wds.split_by_worker]
+    return wds.DataPipeline(
+        *source,
+        wds.tarfile_to_samples(),  # tar members -> {"__key__", "__url__", "json": bytes}
+        Shuffle(config.shuffle_buffer, config.seed, epoch),
+        wds.decode(decode_json, only=["json"], post=[]),  # JSON only: no pickle, no torch.load
+        wds.map(parse_record),
+        DropMissing(readers, config.id_fields) if config.allow_missing else None,  # None: no stage
+        wds.batched(config.batch_size, collation_fn=make_collate(config), partial=True),
+    )
+
+
+def train_loader(config: StreamConfig, epoch: int = 0, **loader_kw) -> VectorLoader:
+    """Training batches (see the module docstring): :func:`train_pipeline` in ``num_workers``
+    DataLoader workers, the cache values attached in this process."""
+    kw = {"num_workers": config.num_workers, **loader_kw}
+    if kw["num_workers"] > 0:
+        kw.setdefault("prefetch_factor", 4)
+    loader = torch.utils.data.DataLoader(train_pipeline(config, epoch), batch_size=None, collate_fn=as_is,
+                                         **kw)
+    return VectorLoader(loader, AttachVectors(open_caches(config)))
+
+
+# ---- eval -----------------------------------------------------------------------------------------
+
+class EvalDataset(torch.utils.data.Dataset):
+    """A rank's share of the eval records: records r, r+W, r+2W, ... of rank r out of W."""
+
+    def __init__(self, records: list, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.records = list(records)[rank::world_size]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.records[i]
+
+
+def eval_loader(config: StreamConfig, rank: int = None, world_size: int = None, **loader_kw) -> VectorLoader:
+    """Fixed-order eval batches of this rank: no shuffling, no resampling, each record once.
+
+    The records pass the pre-flight check first: missing ids raise, or (``allow_missing``) their
+    records are dropped and counted.
+    """
+    if rank is None or world_size is None:
+        rank, world_size = rank_info()
+    readers = open_caches(config)
+    report = preflight(read_records(config.shards), readers, config.id_fields, config.allow_missing)
+    loader = torch.utils.data.DataLoader(EvalDataset(report.kept, rank, world_size),
+                                         batch_size=config.batch_size, shuffle=False,
+                                         num_workers=config.num_workers, collate_fn=make_collate(config),
+                                         **loader_kw)
+    return VectorLoader(loader, AttachVectors(readers))

@@ -1,0 +1,68 @@
+"""Tokenizers for the stream: a Hugging Face tokenizer by name or folder, or ByT5's byte tokenizer.
+
+``transformers.ByT5Tokenizer`` is pure Python and spends ~120 us per string (most of it rebuilding
+its special-token list), which alone would cap a 2-core stream near 8,000 samples/s. Its rule is
+simple and fixed: token id = UTF-8 byte + 3 (0 = pad, 1 = EOS, 2 = unk), EOS appended. So for the
+spec ``byt5`` the stream uses :class:`ByteTokenizer`, which applies that rule with numpy and is
+checked against ``ByT5Tokenizer`` in ``tests/test_stream.py``. (Difference: ``ByT5Tokenizer``
+turns the literal text ``</s>``, ``<pad>``, ``<unk>`` into one special token; here they stay bytes.)
+Any other spec loads ``transformers.AutoTokenizer`` (the Rust "fast" tokenizers are quick enough).
+"""
+
+import numpy as np
+import torch
+
+from .errors import PipelineError
+
+BYT5_OFFSET = 3
+BYT5_PAD, BYT5_EOS = 0, 1
+
+
+class ByteTokenizer:
+    """ByT5's tokenization (``transformers.ByT5Tokenizer``), vectorised."""
+
+    pad_token_id = BYT5_PAD
+    eos_token_id = BYT5_EOS
+
+    def encode_batch(self, texts, max_length: int):
+        """``(input_ids, attention_mask)``, int64 (B, L): right padded, truncated to ``max_length``
+        tokens with EOS kept last (as ``ByT5Tokenizer(..., truncation=True)``)."""
+        encoded = [t.encode("utf-8")[: max_length - 1] for t in texts]
+        lens = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+        n, length = len(encoded), int(lens.max(initial=0)) + 1
+        ids = np.zeros((n, length), dtype=np.int64)  # BYT5_PAD
+        rows = np.repeat(np.arange(n), lens)
+        cols = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        ids[rows, cols] = np.frombuffer(b"".join(encoded), dtype=np.uint8) + BYT5_OFFSET
+        ids[np.arange(n), lens] = BYT5_EOS
+        mask = (np.arange(length)[None, :] <= lens[:, None]).astype(np.int64)  # bytes and EOS
+        return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer behind the same ``encode_batch`` interface."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pad_token_id = tokenizer.pad_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def encode_batch(self, texts, max_length: int):
+        out = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                             return_tensors="pt")
+        return out["input_ids"].long(), out["attention_mask"].long()
+
+
+def load_tokenizer(spec: str):
+    """``byt5`` -> :class:`ByteTokenizer`; ``hf:byt5`` -> ``transformers.ByT5Tokenizer()`` itself;
+    anything else -> ``transformers.AutoTokenizer.from_pretrained(spec)`` (a name or a folder)."""
+    if spec == "byt5":
+        return ByteTokenizer()
+    import transformers
+
+    try:
+        if spec == "hf:byt5":
+            return HFTokenizer(transformers.ByT5Tokenizer())
+        return HFTokenizer(transformers.AutoTokenizer.from_pretrained(spec))
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"--tokenizer {spec}: cannot load it ({e})") from None

@@ -1,0 +1,256 @@
+"""The training and eval streams over real shards and real LMDB caches (small random values)."""
+
+import io
+import os
+import pickle
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from pipelines.batch import open_cache
+from pipelines.errors import MissingEmbeddingsError
+from pipelines.metric import target_answer
+from pipelines.shards import write_shards
+from pipelines.stream import StreamConfig, check_stream, eval_loader, read_records, train_loader
+from pipelines.tokens import ByteTokenizer, load_tokenizer
+from store import CacheWriter, MetadataMismatch, MissingIdError
+
+SHAPE = (16, 32)
+ANSWERS = ["red", "green", "blue", "two", "yes"]
+
+
+def make_records(images, per_image=3):
+    return [{"question_id": i * 100 + k, "image_id": str(i), "audio_id": f"a{i % 7}",
+             "question": f"What is {k} in picture {i}?" + " really" * (i % 3),
+             "answers": [ANSWERS[(i + k) % 5]] * 8 + ["blue", "red"], "answer_type": "other"}
+            for i in range(images) for k in range(per_image)]
+
+
+def make_cache(path, ids, shape=SHAPE, dtype="float16", skip=()):
+    """Every value is filled with a number derived from its id, so joins can be checked."""
+    with CacheWriter(path, shape=shape, dtype=dtype, producer={"model": "random"}) as w:
+        for i in ids:
+            if i not in skip:
+                w.put(i, np.full(shape, value_of(i), dtype=np.float32))
+
+
+def value_of(image_id):
+    return float(int(image_id.lstrip("a")) + (200 if image_id.startswith("a") else 0))  # exact in bf16
+
+
+@pytest.fixture
+def data(tmp_path):
+    records = make_records(40)
+    shards = write_shards(records, tmp_path / "qa" / "train-%06d.tar", shard_size=1000, min_shards=8)
+    make_cache(tmp_path / "cache", sorted({r["image_id"] for r in records}))
+    return tmp_path, records, shards
+
+
+def config(tmp_path, shards, **kw):
+    kw = {"batch_size": 8, "num_workers": 0, "shuffle_buffer": 50, **kw}
+    return StreamConfig(shards=shards, caches={"image": str(tmp_path / "cache")}, **kw)
+
+
+def collect(loader):
+    seen = []
+    for b in loader:
+        assert torch.equal(b["vectors"]["image"][:, 0, 0].float(),
+                           torch.tensor([value_of(i) for i in b["image_id"]]))  # joined by id
+        seen += b["question_id"].tolist()
+    return seen
+
+
+def test_two_workers_yield_every_record_once_per_epoch(data):
+    tmp_path, records, shards = data
+    cfg = config(tmp_path, shards, num_workers=2)
+    everything = sorted(r["question_id"] for r in records)
+    epoch0 = collect(train_loader(cfg, epoch=0))
+    epoch1 = collect(train_loader(cfg, epoch=1))
+    assert sorted(epoch0) == everything and sorted(epoch1) == everything  # each exactly once
+    assert epoch0 != epoch1 and epoch0 != everything  # shuffled, differently per epoch
+    assert collect(train_loader(cfg, epoch=0)) == epoch0  # and reproducibly
+
+
+def test_two_ranks_split_the_shards_without_overlap(data, monkeypatch):
+    tmp_path, records, shards = data
+    seen = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        seen.append(collect(train_loader(config(tmp_path, shards, num_workers=2))))
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted(r["question_id"] for r in records)
+
+
+def test_resampled_stream_is_endless(data):
+    tmp_path, records, shards = data
+    loader = train_loader(config(tmp_path, shards, resample=True))
+    ids = []
+    for b in loader:
+        ids += b["question_id"].tolist()
+        if len(ids) > 3 * len(records):
+            break
+    assert max(Counter(ids).values()) > 1
+
+
+def test_eval_order_is_fixed_and_ranks_share_it_exactly(data):
+    tmp_path, records, shards = data
+    cfg = config(tmp_path, shards, num_workers=2, batch_size=7)
+    in_order = [r["question_id"] for r in read_records(shards)]
+    assert in_order == [r["question_id"] for r in records]
+    assert collect(eval_loader(cfg, rank=0, world_size=1)) == in_order
+    assert collect(eval_loader(cfg, rank=0, world_size=1)) == in_order  # the same every time
+    parts = [collect(eval_loader(cfg, rank=r, world_size=3)) for r in range(3)]
+    assert parts == [in_order[r::3] for r in range(3)]  # no duplicates, ranks differ by <= 1 record
+    assert len(eval_loader(cfg, rank=0, world_size=3)) == 6  # ceil(40 / 7)
+
+
+def test_batch_keys_dtypes_and_shapes(data):
+    tmp_path, records, shards = data
+    b = next(iter(train_loader(config(tmp_path, shards, shuffle_buffer=0))))
+    assert set(b) == {"input_ids", "attention_mask", "labels", "vectors", "ids", "question_id", "image_id",
+                      "question", "answers", "answer_type", "target"}
+    n = len(b["question"])
+    assert n == 8
+    assert b["input_ids"].dtype == b["attention_mask"].dtype == b["labels"].dtype == torch.int64
+    assert b["input_ids"].shape == b["attention_mask"].shape and b["input_ids"].shape[0] == n
+    assert b["vectors"]["image"].shape == (n, *SHAPE) and b["vectors"]["image"].dtype == torch.float16
+    assert b["question_id"].dtype == torch.int64 and b["ids"] == {"image": b["image_id"]}
+    hf = transformers.ByT5Tokenizer()
+    for i in range(n):
+        rec = next(r for r in records if r["question_id"] == b["question_id"][i])
+        assert b["answers"][i] == rec["answers"] and len(b["answers"][i]) == 10
+        assert b["target"][i] == target_answer(rec["answers"])
+        ids = b["input_ids"][i][b["attention_mask"][i] == 1].tolist()
+        assert ids == hf(rec["question"])["input_ids"]  # ends with EOS
+        label = b["labels"][i][b["labels"][i] != -100].tolist()
+        assert hf.decode(label, skip_special_tokens=True) == b["target"][i] and label[-1] == hf.eos_token_id
+    assert (b["input_ids"][b["attention_mask"] == 0] == 0).all()  # padded with the pad id
+    assert (b["labels"] == -100).any()  # answers of different lengths: padding is ignored
+
+
+def test_missing_ids_are_counted_with_examples(tmp_path):
+    records = make_records(12)
+    shards = write_shards(records, tmp_path / "train-%06d.tar")
+    ids = sorted({r["image_id"] for r in records})
+    make_cache(tmp_path / "cache", ids, skip={"3", "4", "5", "6", "7", "8", "9"})
+    cfg = config(tmp_path, shards)
+    with pytest.raises(MissingEmbeddingsError) as e:
+        check_stream(cfg)
+    assert str(e.value) == (f"cache image ({tmp_path / 'cache'}) lacks 7 of 12 ids, needed by 21 of 36 "
+                            "records (e.g. 3, 4, 5, 6, 7, ...): embed them, or allow missing ids "
+                            "(--allow-missing) to drop those records")
+    assert e.value.missing_ids == ["3", "4", "5", "6", "7", "8", "9"] and e.value.records == 21
+    with pytest.raises(MissingEmbeddingsError):
+        eval_loader(cfg, rank=0, world_size=1)
+    with pytest.raises(MissingIdError, match=r"image id '3' is not in cache .*run the pre-flight check"):
+        collect(train_loader(config(tmp_path, shards, shuffle_buffer=0)))
+
+    allowed = config(tmp_path, shards, allow_missing=True, num_workers=2)
+    report = check_stream(allowed)
+    assert (report.records, report.dropped) == (36, 21)
+    assert report.missing == {"image": {"records": 21, "ids": ["3", "4", "5", "6", "7", "8", "9"]}}
+    kept = sorted(r["question_id"] for r in report.kept)
+    assert sorted(collect(train_loader(allowed))) == kept
+    assert collect(eval_loader(allowed, rank=0, world_size=1)) == [r["question_id"] for r in report.kept]
+
+
+def test_a_cache_built_for_another_model_is_refused(data):
+    tmp_path, records, shards = data
+    cfg = config(tmp_path, shards, expect={"image": {"shape": [196, 768], "producer": {"model": "vit_b"}}})
+    for fn in (check_stream, train_loader, lambda c: eval_loader(c, 0, 1)):
+        with pytest.raises(MetadataMismatch) as e:
+            fn(cfg)
+        assert str(e.value) == (f"cache {tmp_path / 'cache'} was built with other settings:\n"
+                                "  shape: cache has [16, 32], expected [196, 768]\n"
+                                "  producer.model: cache has 'random', expected 'vit_b'")
+    ok = config(tmp_path, shards, expect={"image": {"shape": [16, 32], "dtype": "float16"}})
+    assert check_stream(ok).dropped == 0
+
+
+def test_several_vector_modalities_each_from_its_own_cache(data):
+    tmp_path, records, shards = data
+    make_cache(tmp_path / "audio", sorted({r["audio_id"] for r in records}), shape=(4, 8), dtype="bfloat16")
+    caches = {"image": str(tmp_path / "cache"), "audio": str(tmp_path / "audio")}
+    cfg = StreamConfig(shards=shards, caches=caches, id_fields={"audio": "audio_id"}, batch_size=5, num_workers=2)
+    n = 0
+    for b in train_loader(cfg):
+        audio = b["vectors"]["audio"]
+        assert audio.shape == (len(b["image_id"]), 4, 8) and audio.dtype == torch.bfloat16
+        assert audio[:, 0, 0].float().tolist() == [value_of(a) for a in b["ids"]["audio"]]
+        assert b["vectors"]["image"].shape[1:] == SHAPE
+        n += len(b["image_id"])
+    assert n == len(records)
+
+
+def test_spawned_workers_get_a_picklable_pipeline(data):
+    tmp_path, records, shards = data
+    cfg = config(tmp_path, shards, num_workers=1)  # one is enough to prove pickling, and spawns slowly
+    seen = collect(train_loader(cfg, multiprocessing_context="spawn"))
+    assert sorted(seen) == sorted(r["question_id"] for r in records)
+
+
+def test_shards_are_decoded_as_json_only_never_unpickled(tmp_path):
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    path = tmp_path / "evil-000000.tar"
+    rec = make_records(1, 1)[0]
+    with tarfile.open(path, "w") as t:
+        for name, payload in (("100.json", json_bytes(rec)), ("100.pyd", pickle.dumps(Boom())),
+                              ("100.pickle", pickle.dumps(Boom()))):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            t.addfile(info, io.BytesIO(payload))
+    make_cache(tmp_path / "cache", ["0"])
+    assert collect(train_loader(config(tmp_path, [str(path)]))) == [rec["question_id"]]
+    assert read_records([str(path)])[0]["question"] == rec["question"]
+    assert not os.path.exists(tmp_path / "pwned")
+
+
+def json_bytes(d):
+    import json
+
+    return json.dumps(d).encode()
+
+
+def test_byte_tokenizer_is_byt5():
+    hf = transformers.ByT5Tokenizer()
+    texts = ["What color is the circle?", "x", "héllo wörld ✓ 日本", "y" * 300, ""]
+    for max_length in (1, 2, 8, 128):
+        ref = hf(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        ids, mask = ByteTokenizer().encode_batch(texts, max_length)
+        assert torch.equal(ids, ref["input_ids"]) and torch.equal(mask, ref["attention_mask"])
+    assert isinstance(load_tokenizer("byt5"), ByteTokenizer)
+    ids, _ = load_tokenizer("hf:byt5").encode_batch(texts, 128)
+    assert torch.equal(ids, ByteTokenizer().encode_batch(texts, 128)[0])
+
+
+def test_config_is_validated_with_flag_names(data):
+    tmp_path, records, shards = data
+    with pytest.raises(ValueError, match="^--batch-size 0: must be an integer >= 1$"):
+        config(tmp_path, shards, batch_size=0)
+    with pytest.raises(ValueError, match="^--cache: give at least one vector modality"):
+        StreamConfig(shards=shards, caches={})
+    with pytest.raises(ValueError, match="^--cache audio=PATH: 'audio' has an id field"):
+        config(tmp_path, shards, id_fields={"audio": "audio_id"})
+    with pytest.raises(ValueError, match="^--shards: no shard files given$"):
+        StreamConfig(shards=[], caches={"image": "c"})
+    brace = str(tmp_path / "qa" / "train-{000000..000007}.tar")
+    assert config(tmp_path, brace).shards == shards
+    from pipelines.errors import PipelineError
+    with pytest.raises(PipelineError, match="^--tokenizer /nowhere: cannot load it"):
+        train_loader(config(tmp_path, shards, tokenizer="/nowhere"))
+
+
+def test_loaders_of_one_process_share_the_cache_reader(data):
+    tmp_path, records, shards = data
+    cfg = config(tmp_path, shards)
+    a, b = train_loader(cfg), eval_loader(cfg, 0, 1)  # LMDB: one environment per file per process
+    assert a.attach.readers["image"] is b.attach.readers["image"] is open_cache(tmp_path / "cache")
+    assert len(collect(a)) == len(collect(b)) == len(records)
