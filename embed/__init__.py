@@ -1,1 +1,20 @@
-"""embed"""
+"""Stage 1: images -> timm ViT patch tokens -> the LMDB embedding cache (:mod:`store`).
+
+Example:
+    >>> from embed import EmbedConfig, embed
+    >>> summary = embed(EmbedConfig(images=["val2014/"], out="cache/vit_b16", pretrained=True))
+    >>> summary.embedded, summary.failed
+"""
+
+from .config import DEFAULT_MODEL, EmbedConfig
+from .decode import BadImage, open_rgb
+from .errors import EmbedError, ModelError, SourceError
+from .model import LoadedModel, load_model, state_dict_hash
+from .run import EmbedSummary, embed
+from .sources import ImageRef, read_bytes, scan
+
+__all__ = [
+    "EmbedConfig", "DEFAULT_MODEL", "embed", "EmbedSummary", "load_model", "LoadedModel",
+    "state_dict_hash", "scan", "ImageRef", "read_bytes", "open_rgb", "BadImage", "EmbedError",
+    "SourceError", "ModelError",
+]

@@ -1,0 +1,143 @@
+"""``embed``: images -> ViT patch tokens -> the LMDB cache, from the shell."""
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+from store import StoreError
+
+from .config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, PRECISIONS, SOURCE_KINDS, EmbedConfig
+from .errors import EmbedError
+
+_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    if not _is_main_process():
+        level = max(level, logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _format_summary(s) -> list[str]:
+    rows = [("cache", s.cache),
+            ("images", f"{s.total} in the sources"),
+            ("embedded", str(s.embedded)),
+            ("skipped", f"{s.skipped} (already in the cache)"),
+            ("failed", f"{s.failed}" + (f" (see {s.failures_path})" if s.failures_path else "")),
+            ("value", f"{'x'.join(map(str, s.shape))} {s.dtype}"),
+            ("weights", s.weights),
+            ("processes", f"{s.processes} on {s.device}"),
+            ("time", f"{s.wall_s:.1f} s wall, {s.embed_s:.1f} s embedding; decode {s.decode_s:.1f} s "
+                     f"(worker time), waiting for data {s.wait_s:.1f} s, model {s.model_s:.1f} s, "
+                     f"write {s.write_s:.1f} s (background), merge {s.merge_s:.1f} s"),
+            ("speed", f"{s.images_per_s:.1f} images/s ({s.embedded / s.embed_s if s.embed_s else 0:.1f} "
+                      "while embedding)")]
+    width = max(len(k) for k, _ in rows)
+    return [f"{k:<{width}}  {v}" for k, v in rows]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("images", nargs=-1, required=True)
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
+              help="The cache directory: created, or resumed (ids it holds are skipped).")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="A timm model name.")
+@click.option("--pretrained", is_flag=True, help="Take the model's pretrained weights from the hub.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False),
+              help="Local weights: .safetensors, or .pth/.pt/.bin/.ckpt read with weights_only=True.")
+@click.option("--model-kwargs", default="{}", metavar="JSON",
+              help="Extra timm.create_model arguments, e.g. '{\"depth\": 2}'.")
+@click.option("--img-size", type=int, help="Input size override (model and preprocessing).")
+@click.option("--layer", type=int,
+              help="Take transformer block K's output (no final norm; -2 = the penultimate block, as "
+                   "LLaVA) instead of the final-norm tokens.")
+@click.option("--batch-size", default=64, show_default=True, help="Images per forward pass and commit.")
+@click.option("--dtype", type=click.Choice(_DTYPES), default="float16", show_default=True,
+              help="The cache's value dtype.")
+@click.option("--device", help="cpu, cuda or cuda:N [default: what accelerate picks].")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="auto = bf16 autocast on CUDA, fp32 on CPU.")
+@click.option("--num-workers", type=int, help="Decode workers per process [default: CPUs per process - 1].")
+@click.option("--threads", type=int, help="torch threads per process [default: torch's].")
+@click.option("--source", type=click.Choice(SOURCE_KINDS), default="auto", show_default=True,
+              help="How to read IMAGES: auto decides per path (folder / .tar shard / list file).")
+@click.option("--id-pattern", metavar="REGEX",
+              help="For folders: a regex with one group, searched in each file name, giving the id.")
+@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Refuse larger images as decompression bombs.")
+@click.option("--draft/--no-draft", default=True, show_default=True,
+              help="Decode JPEGs at reduced DCT scale when that still covers the resize target.")
+@click.option("--decode-on-device", is_flag=True, help="Decode JPEGs on the GPU (nvjpeg).")
+@click.option("--pin-memory/--no-pin-memory", default=None, help="[default: on with CUDA]")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of a random initialisation.")
+@click.option("--failures", type=click.Path(dir_okay=False),
+              help="Failures report (JSON lines) [default: CACHE.failures.jsonl beside the cache].")
+@click.option("--strict", is_flag=True, help="Exit 1 if any image failed.")
+@click.option("--progress/--no-progress", default=None, help="[default: when stderr is a terminal]")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
+def cli(images, out, model, pretrained, checkpoint, model_kwargs, img_size, layer, batch_size, dtype, device,
+        precision, num_workers, threads, source, id_pattern, max_pixels, draft, decode_on_device, pin_memory,
+        seed, failures, strict, progress, as_json, verbose, quiet):
+    """Embed IMAGES with a timm ViT into an LMDB cache (image id -> patch tokens).
+
+    IMAGES are folders (recursive; id = the file name's stem, or 123456 for
+    COCO_train2014_000000123456.jpg), list files of `id<TAB>path` lines, or uncompressed
+    WebDataset .tar shards (id = __key__; brace patterns like x-{000..009}.tar are expanded).
+
+    Stored per image: the final-norm tokens without class/register tokens (196x768 for
+    ViT-B/16 at 224), preprocessed as timm resolves it for the model. Reruns skip ids already in
+    the cache; a cache built with another model, weights or preprocessing is refused. Bad images
+    are listed in CACHE.failures.jsonl and counted, and the run goes on.
+
+    Example:
+
+    \b
+        embed train2014/ --out cache/vit_b16 --pretrained --batch-size 256
+        accelerate launch --num_processes 2 -m embed train2014/ --out cache/vit_b16 --pretrained
+    """
+    _setup_logging(verbose, quiet)
+    try:
+        config = EmbedConfig(
+            images=images, out=out, model=model, pretrained=pretrained, checkpoint=checkpoint,
+            model_kwargs=model_kwargs, img_size=img_size, layer=layer, batch_size=batch_size, dtype=dtype,
+            device=device, precision=precision, num_workers=num_workers, threads=threads, source=source,
+            id_pattern=id_pattern, max_pixels=max_pixels, draft=draft, decode_on_device=decode_on_device,
+            pin_memory=pin_memory, seed=seed, failures=failures,
+            progress=sys.stderr.isatty() if progress is None else progress)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+
+    from .run import embed  # torch and timm load only once the arguments are known to be good
+
+    try:
+        summary = embed(config)
+    except (EmbedError, StoreError, OSError) as e:
+        raise click.ClickException(str(e)) from None
+    if not _is_main_process():
+        if strict and summary.failed:
+            sys.exit(1)
+        return
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+    else:
+        for line in _format_summary(summary):
+            click.echo(line)
+    if strict and summary.failed:
+        raise click.ClickException(f"{summary.failed} image(s) failed (--strict); see {summary.failures_path}")
+
+
+def main():
+    cli(prog_name="embed")
+
+
+if __name__ == "__main__":
+    main()
