@@ -37,7 +37,9 @@ def cli(verbose):
 
     Example:
 
-        vqa-data shapes data/shapes --images 2000 && vqa-data shards data/shapes data/qa
+    \b
+        vqa-data shapes data/shapes --images 2000
+        vqa-data shards data/shapes data/qa
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -61,6 +63,7 @@ def shapes(out, images, seed, size, questions_per_image, split):
 
     Example:
 
+    \b
         vqa-data shapes data/shapes --images 2000 --seed 0
     """
     from .metric import question_only_baseline
@@ -99,6 +102,7 @@ def shards(vqa_dir, out, split_by, seed, eval_fraction, shard_size, splits, no_c
 
     Example:
 
+    \b
         vqa-data shards data/shapes data/qa --split-by image --seed 0
     """
     from .shards import write_qa_shards
@@ -137,6 +141,7 @@ def check(shard_dir, caches, expect, as_json):
 
     Example:
 
+    \b
         vqa-data check data/qa --cache image=cache/ --expect '{"image": {"shape": [196, 768]}}'
     """
     from .shards import shard_paths
