@@ -22,12 +22,18 @@ from .spec import (
     validate_pools,
 )
 
-# Architecture shapes only (weights are random unless loaded with ``FusionT5ForConditionalGeneration.from_t5``).
+# Architecture shapes only; weights are random unless loaded with
+# ``FusionT5ForConditionalGeneration.from_t5``.
 PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests: fast on 2 CPU cores; ByT5's 384-token vocabulary needs no tokenizer files.
-    "tiny": dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=4, num_decoder_layers=2, num_heads=4),
+    "tiny": dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=4, num_decoder_layers=2,
+                 num_heads=4),
+    # The demo preset of fuse-train: trains on 2 CPU cores in minutes (ByT5 byte vocabulary).
+    "demo": dict(vocab_size=384, d_model=128, d_kv=32, d_ff=512, num_layers=4, num_decoder_layers=2,
+                 num_heads=4),
     # The CPU benchmark: 12 encoder layers so every thesis fusion layer 0/3/6/9/12 exists.
-    "cpu-bench": dict(vocab_size=384, d_model=256, d_kv=64, d_ff=1024, num_layers=12, num_decoder_layers=2, num_heads=4),
+    "cpu-bench": dict(vocab_size=384, d_model=256, d_kv=64, d_ff=1024, num_layers=12, num_decoder_layers=2,
+                      num_heads=4),
     # Shapes of the hub checkpoints, for FLOP counts and GPU timing with random weights.
     "t5-small": dict(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8),
     "t5-base": dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12),
@@ -72,7 +78,8 @@ class FusionT5Config(T5Config):
         self.text_modalities = [str(name) for name in self.text_modalities]
         self.modality_dims = {str(k): int(v) for k, v in (self.modality_dims or {}).items()}
         self.modality_lengths = {str(k): int(v) for k, v in (self.modality_lengths or {}).items()}
-        spec = FusionSpec.coerce(self.fusion_spec if self.fusion_spec is not None else {0: self.text_modalities})
+        default = {0: self.text_modalities}
+        spec = FusionSpec.coerce(self.fusion_spec if self.fusion_spec is not None else default)
         self.fusion_spec = spec.to_dict()
         self.pool = pools_to_dict(coerce_pools(self.pool))
         self.check()
@@ -112,7 +119,9 @@ class FusionT5Config(T5Config):
             if dim < 1:
                 raise PoolSpecError(f"--modality-dim {name}={dim}: a feature width must be >= 1")
         if not 1 <= self.num_decoder_layers:
-            raise DecoderDepthError(f"--decoder-layers {self.num_decoder_layers}: the decoder needs at least 1 block")
+            raise DecoderDepthError(
+                f"--decoder-layers {self.num_decoder_layers}: the decoder needs at least 1 block"
+            )
 
     # ----------------------------------------------------------------- construction
     @classmethod

@@ -83,7 +83,9 @@ class FusionT5Encoder(FusionInitMixin, T5Stack):
         pools = config.pools()
         self.adapters = nn.ModuleDict(
             {
-                name: ModalityAdapter(dim, config.d_model, pools[name], config.num_heads, config.layer_norm_epsilon)
+                name: ModalityAdapter(
+                    dim, config.d_model, pools[name], config.num_heads, config.layer_norm_epsilon
+                )
                 for name, dim in config.modality_dims.items()
             }
         )
@@ -96,15 +98,21 @@ class FusionT5Encoder(FusionInitMixin, T5Stack):
         mask = None if mask is None else mask.to(device=x.device, dtype=torch.bool)
         if self.config.is_text(name):
             if x.dim() != 2 or x.is_floating_point():
-                raise FusionInputError(f"text modality '{name}': expected (B, L) token ids, got {tuple(x.shape)} {x.dtype}")
+                raise FusionInputError(
+                    f"text modality '{name}': expected (B, L) token ids, got {tuple(x.shape)} {x.dtype}"
+                )
             return self.embed_tokens(x), mask  # (B, L, d_model)
         dim = self.config.modality_dims[name]
         if x.dim() != 3 or x.shape[-1] != dim:
-            raise FusionInputError(f"vector modality '{name}': expected (B, N, {dim}) features, got {tuple(x.shape)}")
+            raise FusionInputError(
+                f"vector modality '{name}': expected (B, N, {dim}) features, got {tuple(x.shape)}"
+            )
         adapter = self.adapters[name]
         length = adapter.pool_spec.length
         if length is not None and length > x.shape[1]:
-            raise FusionInputError(f"--pool {name}:{adapter.pool_spec}: pooling to {length} tokens but '{name}' has {x.shape[1]}")
+            raise FusionInputError(
+                f"--pool {name}:{adapter.pool_spec}: pooling to {length} tokens but '{name}' has {x.shape[1]}"
+            )
         return adapter(x, mask)  # (B, P, d_model)
 
     def join(
@@ -120,15 +128,16 @@ class FusionT5Encoder(FusionInitMixin, T5Stack):
         if all(m is None for m in masks):
             return hidden, None
         B, L, D = hidden.shape
-        full = torch.cat(
-            [torch.ones(p.shape[:2], dtype=torch.bool, device=hidden.device) if m is None else m for p, m in zip(parts, masks)],
-            dim=1,
-        )  # (B, L)
-        order = torch.sort((~full).to(torch.int32), dim=1, stable=True).indices  # real tokens first, order kept
+        ones = [torch.ones(p.shape[:2], dtype=torch.bool, device=hidden.device) for p in parts]
+        full = torch.cat([o if m is None else m for o, m in zip(ones, masks)], dim=1)  # (B, L)
+        # A stable sort on "is padding" puts real tokens first and keeps their order.
+        order = torch.sort((~full).to(torch.int32), dim=1, stable=True).indices  # (B, L)
         hidden = hidden.gather(1, order.unsqueeze(-1).expand(B, L, D))  # (B, L, D)
         return hidden, full.gather(1, order)
 
-    def attention_bias(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def attention_bias(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Relative position bias for the current length, with the padding mask folded in if possible.
 
         Returns:
@@ -139,8 +148,10 @@ class FusionT5Encoder(FusionInitMixin, T5Stack):
         if mask is None:
             return None, bias
         if self.config._attn_implementation in ("eager", "sdpa", None):
+            # Half the dtype's minimum: as good as -inf after softmax, yet bias + pad stays finite in fp16,
+            # so even a sample with no real token at all gives no NaN.
             pad = torch.zeros(mask.shape, dtype=bias.dtype, device=bias.device)
-            pad = pad.masked_fill(~mask, torch.finfo(bias.dtype).min)  # (B, L): 0 for real, min for padding
+            pad = pad.masked_fill(~mask, torch.finfo(bias.dtype).min / 2)  # (B, L): 0 for real tokens
             return None, bias + pad[:, None, None, :]  # (B, H, L, L)
         return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=mask), bias
 
@@ -170,7 +181,8 @@ class FusionT5Encoder(FusionInitMixin, T5Stack):
         first = next(iter(modalities.values()))
         first = first[0] if isinstance(first, (tuple, list)) else first
         B = first.shape[0]
-        hidden = torch.zeros(B, 0, self.config.d_model, device=self.embed_tokens.weight.device, dtype=self.embed_tokens.weight.dtype)
+        weight = self.embed_tokens.weight
+        hidden = torch.zeros(B, 0, self.config.d_model, device=weight.device, dtype=weight.dtype)  # (B, 0, D)
         mask, attention_mask, position_bias = None, None, None
         for i, layer_module in enumerate(self.block):
             if i in joins:
@@ -178,18 +190,25 @@ class FusionT5Encoder(FusionInitMixin, T5Stack):
                 attention_mask, position_bias = self.attention_bias(hidden, mask)
             if hidden.shape[1] == 0:
                 continue  # nothing has joined yet: a block over zero tokens is a no-op
-            hidden, _, _ = layer_module(hidden, attention_mask, position_bias, None, None, None, cache=None, **kwargs)
+            # Called as T5Stack calls it (positional, for gradient checkpointing); no cross-attention.
+            hidden, _, _ = layer_module(
+                hidden, attention_mask, position_bias, None, None, None, cache=None, **kwargs
+            )
         hidden = self.dropout(self.final_layer_norm(hidden))
         late = len(self.block)
         if late in joins:
             hidden, mask = self.join(hidden, mask, self._embed_layer(joins[late], modalities, B))
         return FusionEncoderOutput(last_hidden_state=hidden, attention_mask=mask)
 
-    def _embed_layer(self, names, modalities, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _embed_layer(
+        self, names, modalities, batch_size: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         out = []
         for name in names:
             tokens, mask = self.embed_modality(name, modalities[name])
             if tokens.shape[0] != batch_size:
-                raise FusionInputError(f"modality '{name}' has batch size {tokens.shape[0]}, expected {batch_size}")
+                raise FusionInputError(
+                    f"modality '{name}' has batch size {tokens.shape[0]}, expected {batch_size}"
+                )
             out.append((tokens, mask))
         return out

@@ -118,7 +118,8 @@ def train_step_flops(
     """
     lengths = encoder_lengths(config, input_lens)
     B = batch_size
-    adapters = B * sum(_adapter(config, name, input_lens[name]) for name in config.modality_dims if name in input_lens)
+    vectors = [name for name in config.modality_dims if name in input_lens]
+    adapters = B * sum(_adapter(config, name, input_lens[name]) for name in vectors)
     encoder = B * sum(_encoder_block(config, L) for L in lengths[:-1])
     decoder = B * config.num_decoder_layers * _decoder_block(config, answer_len, lengths[-1])
     lm_head = B * 2.0 * answer_len * config.d_model * config.vocab_size

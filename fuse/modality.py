@@ -33,7 +33,9 @@ class ModalityAdapter(nn.Module):
         eps: RMS-norm epsilon (T5's ``layer_norm_epsilon``).
     """
 
-    def __init__(self, in_dim: int, d_model: int, pool: PoolSpec | None = None, num_heads: int = 1, eps: float = 1e-6):
+    def __init__(
+        self, in_dim: int, d_model: int, pool: PoolSpec | None = None, num_heads: int = 1, eps: float = 1e-6
+    ):
         super().__init__()
         self.pool_spec = pool or PoolSpec()
         self.proj = nn.Linear(in_dim, d_model)
@@ -67,7 +69,9 @@ class ModalityAdapter(nn.Module):
         """Tokens out for ``n`` tokens in."""
         return self.pool.output_length(n)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Maps ``(B, N, D)`` features (and an optional ``(B, N)`` mask) to ``(B, P, d_model)`` tokens."""
         x = self.proj(x.to(self.proj.weight.dtype))  # (B, N, d_model)
         x, mask = self.pool(x, mask)  # (B, P, d_model), (B, P) | None

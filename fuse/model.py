@@ -103,7 +103,9 @@ class FusionT5ForConditionalGeneration(FusionInitMixin, T5ForConditionalGenerati
         t5_config = T5Config.from_pretrained(name_or_path)
         total = t5_config.num_decoder_layers
         if decoder_layers is not None and not 1 <= decoder_layers <= total:
-            raise DecoderDepthError(f"--decoder-layers {decoder_layers}: the decoder has {total} blocks (1..{total})")
+            raise DecoderDepthError(
+                f"--decoder-layers {decoder_layers}: the decoder has {total} blocks (1..{total})"
+            )
         config = FusionT5Config.from_t5_config(
             t5_config,
             fusion_spec=fusion_spec,
@@ -124,7 +126,9 @@ class FusionT5ForConditionalGeneration(FusionInitMixin, T5ForConditionalGenerati
         """
         total = len(self.decoder.block)
         if not 1 <= num_layers <= total:
-            raise DecoderDepthError(f"--decoder-layers {num_layers}: the decoder has {total} blocks (1..{total})")
+            raise DecoderDepthError(
+                f"--decoder-layers {num_layers}: the decoder has {total} blocks (1..{total})"
+            )
         self.decoder.block = nn.ModuleList(list(self.decoder.block)[:num_layers])
         self.decoder.config.num_layers = num_layers
         self.config.num_decoder_layers = num_layers
@@ -192,7 +196,8 @@ class FusionT5ForConditionalGeneration(FusionInitMixin, T5ForConditionalGenerati
         loss = None
         if labels is not None:
             labels = labels.to(lm_logits.device)
-            loss = CrossEntropyLoss(ignore_index=-100)(lm_logits.view(-1, lm_logits.size(-1)), labels.view(-1))
+            loss_fct = CrossEntropyLoss(ignore_index=-100)
+            loss = loss_fct(lm_logits.view(-1, lm_logits.size(-1)), labels.view(-1))
         return Seq2SeqLMOutput(
             loss=loss,
             logits=lm_logits,
@@ -232,7 +237,9 @@ class FusionT5ForConditionalGeneration(FusionInitMixin, T5ForConditionalGenerati
             hidden = encoder_outputs.last_hidden_state
             attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)  # (B, L)
         encoder_outputs = FusionEncoderOutput(last_hidden_state=encoder_outputs.last_hidden_state)
-        return super().generate(encoder_outputs=encoder_outputs, attention_mask=attention_mask.long(), **generate_kwargs)
+        return super().generate(
+            encoder_outputs=encoder_outputs, attention_mask=attention_mask.long(), **generate_kwargs
+        )
 
 
 AutoConfig.register(FusionT5Config.model_type, FusionT5Config, exist_ok=True)

@@ -28,7 +28,9 @@ class NoPool(nn.Module):
     def output_length(self, n: int) -> int:
         return n
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return x, mask
 
 
@@ -47,7 +49,9 @@ class _GroupPool(nn.Module):
     def _reduce_reshaped(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(2) if self.reduce == "mean" else x.amax(2)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, N, D = x.shape
         P = self.length
         if mask is None and N % P == 0:
@@ -62,14 +66,15 @@ class _GroupPool(nn.Module):
             count = valid.sum(1, keepdim=True).clamp(min=1)  # (B, 1)
         group = torch.div(rank * P, count, rounding_mode="floor")  # (B, N), in 0..P-1
         if valid is not None:
-            group = torch.where(valid, group, torch.full_like(group, P))  # padding goes to a discarded group P
+            group = torch.where(valid, group, torch.full_like(group, P))  # padding: a discarded group P
         index = group.unsqueeze(-1).expand(B, N, D)  # (B, N, D)
         out = x.new_zeros(B, P + 1, D).scatter_reduce(
             1, index, x, reduce="mean" if self.reduce == "mean" else "amax", include_self=False
         )[:, :P]  # (B, P, D); an empty group stays 0 and is masked below
         if valid is None:
             return out, None
-        filled = torch.zeros(B, P + 1, device=x.device).scatter_add_(1, group, valid.float())[:, :P] > 0  # (B, P)
+        counts = torch.zeros(B, P + 1, device=x.device).scatter_add_(1, group, valid.float())  # (B, P + 1)
+        filled = counts[:, :P] > 0  # (B, P)
         return out, filled
 
 
@@ -119,7 +124,9 @@ class AttentionPool(nn.Module):
     def output_length(self, n: int) -> int:
         return self.length
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, N, D = x.shape
         H, Dh, P = self.num_heads, self.head_dim, self.length
         q = self.q(self.latent).reshape(1, P, H, Dh).transpose(1, 2).expand(B, H, P, Dh)  # (B, H, P, Dh)
@@ -127,7 +134,8 @@ class AttentionPool(nn.Module):
         attn_mask, out_mask = None, None
         if mask is not None:
             valid = mask.bool()
-            present = valid.any(1, keepdim=True)  # (B, 1); a sample without tokens attends to all, then is masked
+            # A sample without any token attends to all (no NaN), and its outputs are masked.
+            present = valid.any(1, keepdim=True)  # (B, 1)
             attn_mask = (valid | ~present)[:, None, None, :]  # (B, 1, 1, N)
             out_mask = present.expand(B, P)  # (B, P)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, P, Dh)

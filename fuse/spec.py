@@ -66,7 +66,8 @@ class FusionSpec:
             if not names:
                 raise FusionSpecError(f"--fuse {layer}:: no modality given for layer {layer}")
             for name in names:
-                if not isinstance(name, str) or not name or not name.replace("_", "a").replace("-", "a").isalnum():
+                word = isinstance(name, str) and name.replace("_", "a").replace("-", "a").isalnum()
+                if not word:
                     raise FusionSpecError(f"--fuse {layer}:{name}: a modality name must be a non-empty word")
                 if name in seen:
                     raise FusionSpecError(
@@ -99,7 +100,9 @@ class FusionSpec:
         for item in text.replace(";", " ").split():
             layer_text, sep, names = item.partition(":")
             if not sep or not names:
-                raise FusionSpecError(f"--fuse {item}: expected LAYER:MODALITY[,MODALITY...], e.g. 0:question 6:image")
+                raise FusionSpecError(
+                    f"--fuse {item}: expected LAYER:MODALITY[,MODALITY...], e.g. 0:question 6:image"
+                )
             layer = _parse_layer(layer_text, item)
             merged.setdefault(layer, []).extend(n for n in names.split(",") if n)
         if not merged:
@@ -149,7 +152,9 @@ class FusionSpec:
                 return layer
         raise KeyError(name)
 
-    def validate(self, num_layers: int, text_modalities: Iterable[str], vector_modalities: Iterable[str]) -> None:
+    def validate(
+        self, num_layers: int, text_modalities: Iterable[str], vector_modalities: Iterable[str]
+    ) -> None:
         """Checks the spec against an encoder of ``num_layers`` blocks and the declared modalities.
 
         Raises:
@@ -157,7 +162,9 @@ class FusionSpec:
         """
         text, vector = set(text_modalities), set(vector_modalities)
         for name in text & vector:
-            raise FusionSpecError(f"--fuse {self}: modality '{name}' is declared both as text and as a vector")
+            raise FusionSpecError(
+                f"--fuse {self}: modality '{name}' is declared both as text and as a vector"
+            )
         for layer, names in self.layers:
             if layer > num_layers:
                 raise FusionSpecError(
@@ -167,7 +174,8 @@ class FusionSpec:
                 if name not in text and name not in vector:
                     raise FusionSpecError(
                         f"--fuse {layer}:{name}: unknown modality '{name}'; text modalities: "
-                        f"{sorted(text) or 'none'}, vector modalities (with a dimension): {sorted(vector) or 'none'}"
+                        f"{sorted(text) or 'none'}, vector modalities (with a dimension): "
+                        f"{sorted(vector) or 'none'}"
                     )
 
 
@@ -287,9 +295,11 @@ def validate_pools(
     for name, spec in pools.items():
         if name not in vector:
             raise PoolSpecError(
-                f"--pool {name}:{spec}: '{name}' is not a vector modality (vector modalities: {sorted(vector) or 'none'})"
+                f"--pool {name}:{spec}: '{name}' is not a vector modality "
+                f"(vector modalities: {sorted(vector) or 'none'})"
             )
         if lengths and name in lengths and spec.length is not None and spec.length > lengths[name]:
             raise PoolSpecError(
-                f"--pool {name}:{spec}: pooling to {spec.length} tokens but '{name}' has {lengths[name]} tokens"
+                f"--pool {name}:{spec}: pooling to {spec.length} tokens "
+                f"but '{name}' has {lengths[name]} tokens"
             )

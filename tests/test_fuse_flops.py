@@ -8,7 +8,8 @@ from fuse import FusionT5Config, encoder_lengths, train_step_flops
 
 def bench_config(spec, pool=None, **overrides):
     return FusionT5Config.from_name(
-        "cpu-bench", fusion_spec=spec, pool=pool, text_modalities=["question"], modality_dims={"image": 192}, **overrides
+        "cpu-bench", fusion_spec=spec, pool=pool, text_modalities=["question"], modality_dims={"image": 192},
+        **overrides,
     )
 
 
@@ -19,7 +20,8 @@ def test_lengths_follow_the_join_layer():
     assert encoder_lengths(bench_config("0:question 6:image"), LENS) == [24] * 6 + [220] * 7
     assert encoder_lengths(bench_config("0:question 12:image"), LENS) == [24] * 12 + [220]
     assert encoder_lengths(bench_config("0:question,image", "image:mean:14"), LENS) == [38] * 13
-    assert encoder_lengths(bench_config("3:question 0:image", "image:attention:1"), LENS) == [1] * 3 + [25] * 10
+    late_text = bench_config("3:question 0:image", "image:attention:1")
+    assert encoder_lengths(late_text, LENS) == [1] * 3 + [25] * 10
 
 
 def test_hand_count_for_a_one_layer_model():
@@ -30,8 +32,9 @@ def test_hand_count_for_a_one_layer_model():
     count = train_step_flops(config, batch_size=2, input_lens={"q": 5, "v": 6}, answer_len=3)
     L, S, T, d, inner, ff = 5, 11, 3, 4, 4, 8
     encoder = 2 * (8 * L * d * inner + 4 * L * L * inner + 4 * L * d * ff)
-    decoder = 2 * (8 * T * d * inner + 4 * T * T * inner + 4 * T * d * inner + 4 * S * d * inner + 4 * T * S * inner
-                   + 4 * T * d * ff)
+    self_attn = 8 * T * d * inner + 4 * T * T * inner
+    cross_attn = 4 * T * d * inner + 4 * S * d * inner + 4 * T * S * inner
+    decoder = 2 * (self_attn + cross_attn + 4 * T * d * ff)
     assert count.encoder == encoder and count.decoder == decoder
     assert count.adapters == 2 * 2 * 6 * 3 * d
     assert count.lm_head == 2 * 2 * T * d * 10
@@ -40,8 +43,8 @@ def test_hand_count_for_a_one_layer_model():
 
 
 def test_later_fusion_and_pooling_cost_less():
-    by_layer = [train_step_flops(bench_config(f"0:question {k}:image" if k else "0:question,image"), 16, LENS, 4)
-                for k in (0, 3, 6, 9, 12)]
+    specs = [f"0:question {k}:image" if k else "0:question,image" for k in (0, 3, 6, 9, 12)]
+    by_layer = [train_step_flops(bench_config(spec), 16, LENS, 4) for spec in specs]
     totals = [c.train_step for c in by_layer]
     assert totals == sorted(totals, reverse=True)
     pooled = [train_step_flops(bench_config("0:question,image", f"image:mean:{p}"), 16, LENS, 4).train_step

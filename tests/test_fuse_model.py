@@ -75,7 +75,8 @@ def test_no_extra_tokens_equals_stock_t5_at_every_layer(k, attn):
     labels = labels_batch(3)
     out = model(modalities={"question": (ids, mask), "image": image_batch(3, n=0)}, labels=labels)
     ref = stock(input_ids=ids, attention_mask=mask, labels=labels)
-    torch.testing.assert_close(out.encoder_last_hidden_state, ref.encoder_last_hidden_state, rtol=1e-5, atol=1e-5)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.encoder_last_hidden_state, ref.encoder_last_hidden_state, **tol)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
 
@@ -118,7 +119,8 @@ def test_outputs_do_not_depend_on_batch_padding(k, pool):
     other_ids, _ = text_batch([9], seed=7)
     wide_ids = torch.cat([torch.nn.functional.pad(ids, (0, 5)), other_ids])  # sample 0 gets 5 pad tokens
     wide_mask = torch.cat([torch.nn.functional.pad(mask, (0, 5)), torch.ones(1, 9, dtype=torch.long)])
-    wide_image = torch.cat([torch.nn.functional.pad(image, (0, 0, 0, 3), value=7.0), image_batch(1, n=8, seed=9)])
+    padded_image = torch.nn.functional.pad(image, (0, 0, 0, 3), value=7.0)  # junk in the padding
+    wide_image = torch.cat([padded_image, image_batch(1, n=8, seed=9)])
     image_mask = torch.tensor([[1] * 5 + [0] * 3, [1] * 8])
     batched = model(
         modalities={"question": (wide_ids, wide_mask), "image": (wide_image, image_mask)},
@@ -130,13 +132,16 @@ def test_outputs_do_not_depend_on_batch_padding(k, pool):
     assert enc_batch.attention_mask[0, :n_real].all() and not enc_batch.attention_mask[0, n_real:].any()
     # float32 rounding differs with the padded length (float64 agrees to 1e-13), hence 1e-4
     tol = dict(rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(enc_batch.last_hidden_state[0, :n_real], enc_alone.last_hidden_state[0, :n_real], **tol)
+    torch.testing.assert_close(
+        enc_batch.last_hidden_state[0, :n_real], enc_alone.last_hidden_state[0, :n_real], **tol
+    )
     torch.testing.assert_close(batched.logits[:1], alone.logits, **tol)
 
 
 # ---------------------------------------------------------------- pooling, shapes, gradients, NaNs
 @pytest.mark.parametrize(
-    "pool, expected", [(None, 6), ("image:mean:3", 3), ("image:max:4", 4), ("image:attention:2", 2), ("image:mean:1", 1)]
+    "pool, expected",
+    [(None, 6), ("image:mean:3", 3), ("image:max:4", 4), ("image:attention:2", 2), ("image:mean:1", 1)],
 )
 @pytest.mark.parametrize("k", [0, 2, NUM_LAYERS])
 def test_pooled_lengths_and_shapes(pool, expected, k):
@@ -156,19 +161,23 @@ def test_mean_and_max_pool_contiguous_groups_of_valid_tokens():
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
     pooled, pooled_mask = adapter.pool(x, mask)
     torch.testing.assert_close(pooled[0], torch.stack([x[0, :2].mean(0), x[0, 2:4].mean(0)]))
-    torch.testing.assert_close(pooled[1], torch.stack([x[1, :3].mean(0), x[1, 3:].mean(0)]))  # groups floor(j*2/5)
+    # 5 valid tokens into 2 groups: token j goes to floor(j * 2 / 5), i.e. groups of 3 and 2
+    torch.testing.assert_close(pooled[1], torch.stack([x[1, :3].mean(0), x[1, 3:].mean(0)]))
     assert pooled_mask.all()
     maxed, _ = make_model(pool="image:max:2").encoder.adapters["image"].pool(x, None)
     torch.testing.assert_close(maxed[1], torch.stack([x[1, :3].amax(0), x[1, 3:].amax(0)]))
 
 
 @pytest.mark.parametrize("pool", [None, "image:mean:2", "image:max:2", "image:attention:2"])
-@pytest.mark.parametrize("spec", ["0:question,image", "0:question 2:image", "2:question 0:image", "0:question 4:image"])
+@pytest.mark.parametrize(
+    "spec", ["0:question,image", "0:question 2:image", "2:question 0:image", "0:question 4:image"]
+)
 def test_gradient_reaches_every_trainable_parameter_and_no_nans(spec, pool):
     model = make_model(spec=spec, pool=pool).train()
     ids, mask = text_batch([6, 2])
     image_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])  # sample 1 has no image at all
-    out = model(modalities={"question": (ids, mask), "image": (image_batch(2), image_mask)}, labels=labels_batch(2))
+    batch = {"question": (ids, mask), "image": (image_batch(2), image_mask)}
+    out = model(modalities=batch, labels=labels_batch(2))
     assert torch.isfinite(out.logits).all() and torch.isfinite(out.loss)
     out.loss.backward()
     for name, p in model.named_parameters():
@@ -216,8 +225,8 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
 def pretrained_t5_dir(tmp_path_factory):
     """A tiny 'pretrained' stock T5, saved like a hub checkpoint."""
     torch.manual_seed(5)
-    config = T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=3, num_heads=4,
-                      dropout_rate=0.0, decoder_start_token_id=0)
+    config = T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=3,
+                      num_heads=4, dropout_rate=0.0, decoder_start_token_id=0)
     path = tmp_path_factory.mktemp("t5-tiny")
     T5ForConditionalGeneration(config).save_pretrained(path)
     return path
@@ -235,7 +244,8 @@ def test_from_t5_loads_pretrained_weights_and_cuts_the_decoder(pretrained_t5_dir
     ).eval()
     assert len(model.decoder.block) == model.config.num_decoder_layers == 1
     bias = model.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
-    torch.testing.assert_close(bias, stock.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight)
+    stock_bias = stock.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    torch.testing.assert_close(bias, stock_bias)
     for name, value in stock.state_dict().items():
         if not name.startswith("decoder.block.") or name.startswith("decoder.block.0."):
             torch.testing.assert_close(model.state_dict()[name], value, msg=name)
@@ -256,7 +266,9 @@ def test_from_t5_loads_pretrained_weights_and_cuts_the_decoder(pretrained_t5_dir
 
 def test_decoder_depth_out_of_range(pretrained_t5_dir):
     with pytest.raises(DecoderDepthError) as err:
-        FusionT5ForConditionalGeneration.from_t5(str(pretrained_t5_dir), fusion_spec="0:text", decoder_layers=4)
+        FusionT5ForConditionalGeneration.from_t5(
+            str(pretrained_t5_dir), fusion_spec="0:text", decoder_layers=4
+        )
     assert str(err.value) == "--decoder-layers 4: the decoder has 3 blocks (1..3)"
 
 
@@ -299,6 +311,5 @@ def test_generate_from_precomputed_encoder_outputs():
     model = make_model()
     batch = {"question": text_batch([6, 2]), "image": image_batch(2)}
     encoded = model.encode(batch)
-    assert torch.equal(
-        model.generate(encoder_outputs=encoded, max_new_tokens=4), model.generate(modalities=batch, max_new_tokens=4)
-    )
+    from_encoded = model.generate(encoder_outputs=encoded, max_new_tokens=4)
+    assert torch.equal(from_encoded, model.generate(modalities=batch, max_new_tokens=4))

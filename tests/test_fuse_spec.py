@@ -76,7 +76,9 @@ def test_unknown_modality_fails():
 
 def test_pool_forms():
     pools = parse_pools("image:attention:14 audio:mean:4 depth:none")
-    assert pools == {"image": PoolSpec("attention", 14), "audio": PoolSpec("mean", 4), "depth": PoolSpec("none")}
+    assert pools == {
+        "image": PoolSpec("attention", 14), "audio": PoolSpec("mean", 4), "depth": PoolSpec("none")
+    }
     assert coerce_pools({"image": {"type": "max", "length": 2}}) == {"image": PoolSpec("max", 2)}
     assert coerce_pools('{"image": "mean:3"}') == {"image": PoolSpec("mean", 3)}
     assert coerce_pools({"image": ("attention", 1)}) == {"image": PoolSpec("attention", 1)}
