@@ -38,6 +38,15 @@ class ByteTokenizer:
         mask = (np.arange(length)[None, :] <= lens[:, None]).astype(np.int64)  # bytes and EOS
         return torch.from_numpy(ids), torch.from_numpy(mask)
 
+    def decode_batch(self, ids) -> list:
+        """Texts of generated ids (B, T): bytes up to the first EOS, special tokens dropped."""
+        out = []
+        for row in ids.tolist():
+            row = row[: row.index(BYT5_EOS)] if BYT5_EOS in row else row
+            out.append(bytes(t - BYT5_OFFSET for t in row if BYT5_OFFSET <= t < 256 + BYT5_OFFSET)
+                       .decode("utf-8", errors="ignore"))
+        return out
+
 
 class HFTokenizer:
     """A Hugging Face tokenizer behind the same ``encode_batch`` interface."""
@@ -51,6 +60,14 @@ class HFTokenizer:
         out = self.tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
                              return_tensors="pt")
         return out["input_ids"].long(), out["attention_mask"].long()
+
+    def decode_batch(self, ids) -> list:
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def decode_batch(tokenizer, ids) -> list:
+    """Generated token ids (B, T) -> B answer strings, stripped."""
+    return [text.strip() for text in tokenizer.decode_batch(ids)]
 
 
 def load_tokenizer(spec: str):

@@ -1,0 +1,163 @@
+"""``TrainConfig``: everything ``fuse-train`` varies, its presets, and how a config file merges in.
+
+Precedence: a preset's values, then the config file (YAML or JSON), then the flags given on the
+command line. The resolved config is saved as ``OUT/config.json`` and in ``results.json``.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from fuse import FusionSpec, coerce_pools
+
+SCHEDULES = ("linear", "cosine", "constant_with_warmup")
+OPTIMIZERS = ("adamw", "adafactor")
+PRECISIONS = ("no", "bf16", "fp16")
+IMAGE_SOURCES = ("cache", "online")
+
+# Named presets (flags and the config file override them).
+PRESETS = {
+    # The thesis: t5-base from the hub, ViT-B/16 tokens (196×768) from the cache, batch 128, bf16.
+    "paper": dict(t5="google-t5/t5-base", tokenizer="google-t5/t5-base", fuse="0:question 0:image",
+                  batch_size=128, lr=1e-4, optimizer="adamw", steps=20000, eval_every=2000,
+                  mixed_precision="bf16", expect={"image": {"shape": [196, 768],
+                                                            "producer": {"model": "vit_base_patch16_224"}}}),
+    # Trains on the CPU of a 2-core machine in minutes: the small demo T5 over the demo ViT's 9 tokens.
+    "demo": dict(t5="demo", tokenizer="byt5", fuse="0:question 0:image", batch_size=64, lr=2e-3,
+                 steps=500, eval_every=250, warmup=0.06, eval_limit=2000,
+                 expect={"image": {"producer": {"model": "vit_shapes_patch16_48"}}}),
+}
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Field names are the CLI flags (``batch_size`` is ``--batch-size``).
+
+    Attributes:
+        shards: folder written by ``vqa-data shards`` (train and eval sides, manifest).
+        caches: modality -> embedding cache (``--cache image=PATH``).
+        out: run directory.
+        t5: a T5 preset of ``fuse.PRESETS`` (random weights), a hub name or a local directory.
+        fuse: fusion spec, e.g. ``"0:question 6:image"``; the text modality is ``question``.
+        pool: pooling per vector modality, e.g. ``"image:attention:14"`` (empty: none).
+        decoder_layers: keep the first N decoder blocks (default: all).
+        expect: modality -> partial cache metadata the model needs (refuses other caches).
+        warmup: fraction of the steps (< 1) or a number of steps.
+        eval_limit: score at most this many eval questions per evaluation (default: all).
+        image_source: ``cache`` reads the cache; ``online`` runs the ViT on the images each step.
+    """
+
+    shards: str = ""
+    caches: dict = field(default_factory=dict)
+    out: str = "runs/train"
+    preset: str = ""
+    t5: str = "demo"
+    tokenizer: str = "byt5"
+    fuse: str = "0:question 0:image"
+    pool: str = ""
+    decoder_layers: int = None
+    expect: dict = field(default_factory=dict)
+    steps: int = 1000
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    grad_accum: int = 1
+    lr: float = 1e-3
+    optimizer: str = "adamw"
+    weight_decay: float = 0.01
+    schedule: str = "linear"
+    warmup: float = 0.05
+    clip: float = 1.0
+    dropout: float = 0.0
+    eval_every: int = 500
+    eval_limit: int = None
+    log_every: int = 10
+    max_answer_len: int = 16
+    max_new_tokens: int = 16
+    shuffle_buffer: int = 2000
+    num_workers: int = 2
+    allow_missing: bool = False
+    seed: int = 0
+    mixed_precision: str = "no"
+    device: str = "auto"
+    image_source: str = "cache"
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        for name, value, choices in (("--optimizer", self.optimizer, OPTIMIZERS),
+                                     ("--schedule", self.schedule, SCHEDULES),
+                                     ("--mixed-precision", self.mixed_precision, PRECISIONS),
+                                     ("--image-source", self.image_source, IMAGE_SOURCES)):
+            if value not in choices:
+                raise ValueError(f"{name} {value}: choose one of {', '.join(choices)}")
+        for name in ("steps", "batch_size", "eval_batch_size", "grad_accum", "eval_every", "log_every",
+                     "max_answer_len", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+        if self.lr <= 0:
+            raise ValueError(f"--lr {self.lr}: must be positive")
+        if self.decoder_layers is not None and self.decoder_layers < 1:
+            raise ValueError(f"--decoder-layers {self.decoder_layers}: the decoder needs at least 1 block")
+        spec = FusionSpec.coerce(self.fuse)  # raises FusionSpecError naming --fuse
+        if "question" not in spec.modalities():
+            raise ValueError(f"--fuse {self.fuse}: the question must join the encoder (e.g. 0:question)")
+        coerce_pools(self.pool or None)  # raises PoolSpecError naming --pool
+        if self.shards:
+            for name in self.fused_modalities():
+                if name != "question" and name not in self.caches:
+                    raise ValueError(f"--fuse {self.fuse}: modality '{name}' has no --cache {name}=PATH")
+
+    def fused_modalities(self) -> list:
+        """Every modality of the fusion spec, in join order."""
+        return list(FusionSpec.coerce(self.fuse).modalities())
+
+    def warmup_steps(self) -> int:
+        return int(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def resolve(cls, preset: str = "", file: str = None, **flags) -> "TrainConfig":
+        """Preset, then config file, then flags (``None`` flags are not given)."""
+        values = {}
+        if preset:
+            if preset not in PRESETS:
+                raise ValueError(f"--preset {preset}: unknown (known: {', '.join(PRESETS)})")
+            values.update(PRESETS[preset], preset=preset)
+        if file:
+            values.update(read_config_file(file))
+        values.update({k: v for k, v in flags.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{file or 'config'}: unknown setting(s) {', '.join(unknown)}")
+        return cls(**values)
+
+
+def read_config_file(path) -> dict:
+    """A YAML or JSON mapping of TrainConfig fields."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except ValueError as e:  # json.JSONDecodeError and yaml.YAMLError (a ValueError subclass? no)
+        raise ValueError(f"--config {path}: not valid {path.suffix.lstrip('.').upper() or 'JSON'} ({e})") from None
+    except Exception as e:  # yaml.YAMLError
+        raise ValueError(f"--config {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
