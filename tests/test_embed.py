@@ -9,7 +9,6 @@ dims), randomly initialised, saved as safetensors and reloaded through --checkpo
 
 import io
 import json
-import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
