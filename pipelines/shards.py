@@ -18,9 +18,11 @@ from store import AtomicShardWriter
 
 from .errors import DatasetExistsError, PipelineError
 from .splits import split_records
+from .tokens import build_word_tokenizer
 from .vqa import QARecord, read_vqa
 
 MANIFEST = "manifest.json"
+WORD_TOKENIZER = "tokenizer"
 MANIFEST_FORMAT = "where-to-fuse/qa-shards"
 SIDES = ("train", "eval")
 
@@ -94,6 +96,10 @@ def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_f
         paths = write_shards(recs, out / f"{side}-%06d.tar", shard_size=shard_size, min_shards=min_shards)
         manifest[side] = {"count": len(recs), "images": len({r.image_id for r in recs}),
                           "shards": [Path(p).name for p in paths]}
+    # A word-level tokenizer of the training side (questions and answers), for small vocabularies
+    # such as the shapes data: `fuse-train --tokenizer words` reads it from here.
+    manifest["word_vocab_size"] = build_word_tokenizer(
+        [r.question for r in train] + [a for r in train for a in r.answers], out / WORD_TOKENIZER)
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     os.replace(tmp, out / MANIFEST)

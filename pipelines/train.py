@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -45,14 +46,16 @@ class TrainingDiverged(PipelineError):
 
 # ---- model ----------------------------------------------------------------------------------------
 
-def build_model(cfg: TrainConfig, dims: dict, lengths: dict) -> FusionT5ForConditionalGeneration:
-    """The fused T5 of ``cfg``: a preset architecture with random weights, or a pretrained T5."""
+def build_model(cfg: TrainConfig, dims: dict, lengths: dict, vocab_size: int) -> FusionT5ForConditionalGeneration:
+    """The fused T5 of ``cfg``: a preset architecture with random weights sized to the tokenizer's
+    vocabulary, or a pretrained T5."""
     fusion = dict(fusion_spec=cfg.fuse, pool=cfg.pool or None, text_modalities=[TEXT],
                   modality_dims={k: v for k, v in dims.items() if k in cfg.fused_modalities()},
                   modality_lengths={k: v for k, v in lengths.items() if k in cfg.fused_modalities()})
     if cfg.t5 in PRESETS:
         overrides = {} if cfg.decoder_layers is None else {"num_decoder_layers": cfg.decoder_layers}
-        config = FusionT5Config.from_name(cfg.t5, dropout_rate=cfg.dropout, **fusion, **overrides)
+        config = FusionT5Config.from_name(cfg.t5, dropout_rate=cfg.dropout, vocab_size=vocab_size, **fusion,
+                                          **overrides)
         return FusionT5ForConditionalGeneration(config)
     return FusionT5ForConditionalGeneration.from_t5(cfg.t5, decoder_layers=cfg.decoder_layers,
                                                     config_overrides={"dropout_rate": cfg.dropout}, **fusion)
@@ -153,7 +156,7 @@ def evaluate(model, loader, tokenizer, modalities, accelerator, max_new_tokens: 
 # ---- the loop -------------------------------------------------------------------------------------
 
 def stream_configs(cfg: TrainConfig, num_processes: int):
-    common = dict(caches=cfg.caches, expect=cfg.expect, tokenizer=cfg.tokenizer, num_workers=cfg.num_workers,
+    common = dict(caches=cfg.caches, expect=cfg.expect, tokenizer=cfg.tokenizer_path(), num_workers=cfg.num_workers,
                   seed=cfg.seed, allow_missing=cfg.allow_missing, max_answer_len=cfg.max_answer_len)
     train_sc = StreamConfig(shards=shard_paths(cfg.shards, "train"), batch_size=cfg.batch_size,
                             shuffle_buffer=cfg.shuffle_buffer, resample=num_processes > 1, **common)
@@ -196,8 +199,8 @@ def train(cfg: TrainConfig) -> dict:
     shapes = {name: reader.meta.shape for name, reader in open_caches(train_sc).items()}
     dims = {name: shape[-1] for name, shape in shapes.items()}
     lengths = {name: shape[0] for name, shape in shapes.items()}
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    model = build_model(cfg, dims, lengths)
+    tokenizer = load_tokenizer(train_sc.tokenizer)
+    model = build_model(cfg, dims, lengths, tokenizer.vocab_size)
     modalities = cfg.fused_modalities()
     if cfg.resume:
         model = FusionT5ForConditionalGeneration.from_pretrained(ckpt_last)
@@ -221,7 +224,7 @@ def train(cfg: TrainConfig) -> dict:
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.steps, initial=state["step"], disable=not main or not cfg.progress, unit="step",
-               dynamic_ncols=True)
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
     stream = batches(train_sc, state["epoch"], state["batch_in_epoch"])
     t_train = t_wait = 0.0
     samples = 0

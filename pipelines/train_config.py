@@ -23,7 +23,7 @@ PRESETS = {
                   mixed_precision="bf16", expect={"image": {"shape": [196, 768],
                                                             "producer": {"model": "vit_base_patch16_224"}}}),
     # Trains on the CPU of a 2-core machine in minutes: the small demo T5 over the demo ViT's 9 tokens.
-    "demo": dict(t5="demo", tokenizer="byt5", fuse="0:question 0:image", batch_size=64, lr=2e-3,
+    "demo": dict(t5="demo", tokenizer="words", fuse="0:question 0:image", batch_size=64, lr=2e-3,
                  steps=500, eval_every=250, warmup=0.06, eval_limit=2000,
                  expect={"image": {"producer": {"model": "vit_shapes_patch16_48"}}}),
 }
@@ -112,6 +112,10 @@ class TrainConfig:
     def fused_modalities(self) -> list:
         """Every modality of the fusion spec, in join order."""
         return list(FusionSpec.coerce(self.fuse).modalities())
+
+    def tokenizer_path(self) -> str:
+        """``words`` is the word-level tokenizer ``vqa-data shards`` writes beside the shards."""
+        return str(Path(self.shards) / "tokenizer") if self.tokenizer == "words" else self.tokenizer
 
     def warmup_steps(self) -> int:
         return int(self.warmup * self.steps) if self.warmup < 1 else int(self.warmup)
