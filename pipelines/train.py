@@ -38,6 +38,8 @@ from .train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 TEXT = "question"
+RUN_FILE = "fuse_run.json"
+RUN_TOKENIZER = "tokenizer"
 
 
 class TrainingDiverged(PipelineError):
@@ -106,12 +108,20 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(path: Path, model, optimizer=None, schedule=None, state=None) -> None:
+def save_checkpoint(path: Path, model, optimizer=None, schedule=None, state=None, run=None) -> None:
     """Model as safetensors (``save_pretrained``); optimizer and schedule as tensors and plain
-    numbers (``torch.save``, read back with ``weights_only=True``); step and stream position as JSON."""
+    numbers (``torch.save``, read back with ``weights_only=True``); step and stream position as JSON;
+    ``run`` (config, cache producers, tokenizer) as ``fuse_run.json`` with a copy of a tokenizer
+    folder, so that a checkpoint alone answers questions (``fuse-eval``)."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
+    if run is not None:
+        run = dict(run)
+        if Path(run["tokenizer"]).is_dir():
+            shutil.copytree(run["tokenizer"], tmp / RUN_TOKENIZER)
+            run["tokenizer"] = RUN_TOKENIZER
+        (tmp / RUN_FILE).write_text(json.dumps(run, indent=2))
     if optimizer is not None:
         torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "torch_rng": torch.get_rng_state()}, tmp / "train_state.pt")
@@ -153,6 +163,16 @@ def evaluate(model, loader, tokenizer, modalities, accelerator, max_new_tokens: 
     return score.summary()
 
 
+def make_online_embedder(cfg: TrainConfig, producers: dict, device):
+    """``--image-source online``: the cache's own ViT, rebuilt from its metadata, over the image files."""
+    from .online import ImageEmbedder, load_vit
+    from .shards import read_manifest
+
+    manifest = read_manifest(cfg.shards)
+    return ImageEmbedder(load_vit(producers["image"], device), manifest["source"], manifest.get("splits", ["train"]),
+                         threads=max(1, cfg.num_workers))
+
+
 # ---- the loop -------------------------------------------------------------------------------------
 
 def stream_configs(cfg: TrainConfig, num_processes: int):
@@ -182,6 +202,9 @@ def train(cfg: TrainConfig) -> dict:
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bars, once per checkpoint
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=cfg.device == "cpu")
@@ -196,7 +219,11 @@ def train(cfg: TrainConfig) -> dict:
 
     train_sc, eval_sc = stream_configs(cfg, accelerator.num_processes)
     check_stream(train_sc)  # caches match their expectations, every id is present: before any compute
-    shapes = {name: reader.meta.shape for name, reader in open_caches(train_sc).items()}
+    readers = open_caches(train_sc)
+    shapes = {name: reader.meta.shape for name, reader in readers.items()}
+    producers = {name: reader.meta.producer for name, reader in readers.items()}
+    run = {"config": cfg.to_dict(), "producers": producers, "tokenizer": train_sc.tokenizer,
+           "text_modality": TEXT}
     dims = {name: shape[-1] for name, shape in shapes.items()}
     lengths = {name: shape[0] for name, shape in shapes.items()}
     tokenizer = load_tokenizer(train_sc.tokenizer)
@@ -211,6 +238,9 @@ def train(cfg: TrainConfig) -> dict:
         state = load_train_state(ckpt_last, optimizer, schedule)
         log.info("resuming %s at step %d", out, state["step"])
     model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+    online = None
+    if cfg.image_source == "online" and "image" in modalities:
+        online = make_online_embedder(cfg, producers, accelerator.device)
     n_params = sum(p.numel() for p in model.parameters())
     flops = None  # counted on the first batch, from its padded lengths
 
@@ -235,6 +265,8 @@ def train(cfg: TrainConfig) -> dict:
         t0 = time.perf_counter()
         epoch, index, batch = next(stream)
         t1 = time.perf_counter()
+        if online is not None:  # the ViT on the pixels, instead of the cache's values: part of the step
+            batch["vectors"]["image"] = online(batch["image_id"])
         if flops is None:
             lens = {TEXT: batch["input_ids"].shape[1], **{k: v for k, v in lengths.items() if k in modalities}}
             flops = train_step_flops(accelerator.unwrap_model(model).config, cfg.batch_size * cfg.grad_accum,
@@ -274,6 +306,12 @@ def train(cfg: TrainConfig) -> dict:
             writer.add_scalar("speed/stream_wait_fraction", t_wait / elapsed, step)
             bar.set_postfix(loss=f"{window_loss / window_n:.3f}", refresh=False)
             window_loss, window_n = 0.0, 0
+        if cfg.stop_at and step >= cfg.stop_at and step < cfg.steps:
+            if main:
+                save_checkpoint(ckpt_last, accelerator.unwrap_model(model), optimizer, schedule, state, run=run)
+            accelerator.wait_for_everyone()
+            log.info("stopped at step %d (--stop-at); continue with --resume", step)
+            break
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics = evaluate(model, eval_loader(eval_sc, accelerator.process_index, accelerator.num_processes),
                                tokenizer, modalities, accelerator, cfg.max_new_tokens, cfg.eval_limit)
@@ -291,12 +329,16 @@ def train(cfg: TrainConfig) -> dict:
                           f"(exact match {100 * metrics['exact_match']:.2f}%)")
                 unwrapped = accelerator.unwrap_model(model)
                 if improved:
-                    save_checkpoint(ckpt_best, unwrapped, state={"step": step, "metrics": metrics})
-                save_checkpoint(ckpt_last, unwrapped, optimizer, schedule, state)
+                    save_checkpoint(ckpt_best, unwrapped, state={"step": step, "metrics": metrics}, run=run)
+                save_checkpoint(ckpt_last, unwrapped, optimizer, schedule, state, run=run)
             accelerator.wait_for_everyone()
     bar.close()
 
     elapsed = t_train + t_wait
+    if state["step"] < cfg.steps:  # --stop-at: the run is not finished, no results.json
+        if main:
+            writer.close()
+        return {"steps": state["step"], "stopped": True, "history": state["history"]}
     results = {
         "best": state["best"], "last": state["history"][-1] if state["history"] else None,
         "steps_per_s": steps_done / elapsed if elapsed else None,

@@ -67,6 +67,7 @@ def format_results(results: dict) -> str:
               help="cache: read the embeddings; online: run the ViT on the images every step.")
 @click.option("--allow-missing", is_flag=True, default=None, help="Drop questions whose image the cache lacks.")
 @click.option("--resume", is_flag=True, default=None, help="Continue from OUT/checkpoints/last.")
+@click.option("--stop-at", type=int, help="Stop after step N with a checkpoint (continue later with --resume).")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a finished run in OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of a summary.")
 def main(caches, config_file, preset, as_json, **flags):
@@ -92,7 +93,9 @@ def main(caches, config_file, preset, as_json, **flags):
         results = train(cfg)
     except (PipelineError, StoreError, FusionConfigError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
-    if as_json:
+    if results.get("stopped"):
+        click.echo(f"stopped at step {results['steps']} (--stop-at); continue with --resume", err=True)
+    elif as_json:
         click.echo(json.dumps(results, indent=2))
     else:
         click.echo(format_results(results))

@@ -45,6 +45,8 @@ class TrainConfig:
         warmup: fraction of the steps (< 1) or a number of steps.
         eval_limit: score at most this many eval questions per evaluation (default: all).
         image_source: ``cache`` reads the cache; ``online`` runs the ViT on the images each step.
+        stop_at: stop after this step with a checkpoint, as a time-boxed job would, to continue
+            later with ``resume`` (the schedule still runs to ``steps``).
     """
 
     shards: str = ""
@@ -81,6 +83,7 @@ class TrainConfig:
     device: str = "auto"
     image_source: str = "cache"
     resume: bool = False
+    stop_at: int = None
     overwrite: bool = False
     progress: bool = True
 

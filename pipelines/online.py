@@ -1,0 +1,83 @@
+"""Image embeddings computed on the fly: the ViT that filled a cache, rebuilt from its metadata.
+
+``fuse-train --image-source online`` (the comparison the cache exists for) and ``fuse-eval --image``
+use the cache's producer record (the ``embed`` settings, weights and their hash) to rebuild the very
+same ViT and preprocessing, and refuse to go on if the weights hash differs.
+"""
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from .errors import PipelineError
+from .vqa import image_path
+
+log = logging.getLogger(__name__)
+
+
+def load_vit(producer: dict, device="cpu"):
+    """The ``embed`` model that wrote a cache, from the cache's ``producer`` metadata.
+
+    Returns:
+        ``(embed.LoadedModel, embed.EmbedConfig)``: the model and the settings it embedded with.
+
+    Raises:
+        PipelineError: the metadata lacks the embed settings, or the rebuilt weights differ.
+    """
+    from embed import EmbedConfig, load_model
+
+    settings = dict(producer.get("embed_config") or {})
+    if not settings:
+        raise PipelineError("the cache's metadata does not say how it was embedded (no producer.embed_config)")
+    settings.update(images=("<online>",), out="<online cache>", progress=False, device=str(device))
+    known = set(EmbedConfig.__dataclass_fields__)
+    config = EmbedConfig(**{k: v for k, v in settings.items() if k in known})
+    loaded = load_model(config, device=device)
+    if producer.get("weights_hash") and loaded.weights_hash != producer["weights_hash"]:
+        raise PipelineError(f"the ViT rebuilt from the cache's metadata ({loaded.weights}) has weights "
+                            f"{loaded.weights_hash}, the cache was made with {producer['weights_hash']}")
+    return loaded, config
+
+
+class ImageEmbedder:
+    """Reads images by id and runs the ViT over them: ``(B, N, D)`` tokens like the cache's values.
+
+    Images are decoded as ``embed`` decoded them (the same JPEG draft scale and pixel limit), so the
+    tokens equal the cache's values up to its float16 rounding.
+
+    Args:
+        vit: ``(embed.LoadedModel, embed.EmbedConfig)`` from :func:`load_vit`.
+        vqa_dir: the VQA folder the shards were made from (images under ``{split}2014/``).
+        splits: the splits to look in.
+        threads: decoding threads (PIL releases the GIL while decoding).
+    """
+
+    def __init__(self, vit, vqa_dir, splits=("train",), threads: int = 2):
+        from embed.decode import draft_target_of
+
+        (self.vit, config), self.root, self.splits = vit, Path(vqa_dir), tuple(splits)
+        self.max_pixels = config.max_pixels
+        self.draft = draft_target_of(self.vit.pil_transform) if config.draft else None
+        self._pool = ThreadPoolExecutor(max(1, threads))
+
+    def path(self, image_id: str) -> Path:
+        for split in self.splits:
+            p = image_path(self.root, split, image_id)
+            if p.is_file():
+                return p
+        raise PipelineError(f"image {image_id}: no file under {self.root} for splits {', '.join(self.splits)}")
+
+    def pixels(self, path) -> torch.Tensor:
+        from embed import open_rgb
+
+        return self.vit.pil_transform(open_rgb(Path(path).read_bytes(), self.max_pixels, self.draft))  # uint8 (3, H, W)
+
+    @torch.inference_mode()
+    def embed_paths(self, paths) -> torch.Tensor:
+        x = torch.stack(list(self._pool.map(self.pixels, paths))).to(self.vit.device)  # (B, 3, H, W)
+        return self.vit.forward_tokens(self.vit.normalize(x)).float()  # (B, N, D)
+
+    def __call__(self, image_ids) -> torch.Tensor:
+        return self.embed_paths([self.path(i) for i in image_ids])

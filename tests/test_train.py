@@ -1,0 +1,184 @@
+"""fuse-train and fuse-eval on real data: shapes images -> the shipped demo ViT -> LMDB cache ->
+WebDataset shards -> the fused T5 (tiny preset). Everything runs for real on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from embed import EmbedConfig, embed
+from pipelines.eval_cli import main as eval_main
+from pipelines.shards import write_qa_shards
+from pipelines.shapes import write_shapes
+from pipelines.train import TrainingDiverged, train
+from pipelines.train_cli import main as train_main
+from pipelines.train_config import TrainConfig
+from store import CacheReader, CacheWriter
+
+DEMO_VIT = "vit_shapes_patch16_48"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_shapes(root / "shapes", images=60, seed=3)
+    summary = embed(EmbedConfig(images=[str(root / "shapes" / "train2014")], out=str(root / "cache"),
+                                model=DEMO_VIT, pretrained=True, num_workers=0, batch_size=64))
+    assert summary.embedded == 60 and summary.failed == 0
+    write_qa_shards(root / "shapes", root / "qa", min_shards=2, seed=0)
+    return root
+
+
+def tiny(data, out, **kw):
+    base = dict(shards=str(data / "qa"), caches={"image": str(data / "cache")}, out=str(out), t5="tiny",
+                tokenizer="words", fuse="0:question 0:image", steps=30, batch_size=16, eval_batch_size=64,
+                eval_every=15, lr=3e-3, warmup=0.0, num_workers=0, progress=False, log_every=5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(run_dir, which="last"):
+    return load_file(str(Path(run_dir) / "checkpoints" / which / "model.safetensors"))
+
+
+def test_short_run_learns_and_writes_every_artifact(data, tmp_path):
+    r = train(tiny(data, tmp_path / "run", steps=60, eval_every=30))
+    first, last = r["history"][0], r["history"][-1]
+    # The majority answer of the training side, scored on the eval side: what a model that learned nothing gets.
+    from pipelines.metric import VQAScore, target_answer
+    from pipelines.stream import read_records
+    from pipelines.shards import shard_paths
+    from collections import Counter
+
+    majority = Counter(target_answer(x["answers"]) for x in read_records(shard_paths(data / "qa", "train")))
+    score = VQAScore()
+    for x in read_records(shard_paths(data / "qa", "eval")):
+        score.add(majority.most_common(1)[0][0], x["answers"], x["answer_type"])
+    assert last["accuracy"] > score.summary()["accuracy"] + 0.05, (last, score.summary())
+    assert r["best"]["accuracy"] >= last["accuracy"] and first["step"] == 30 and last["step"] == 60
+    run = tmp_path / "run"
+    for f in ("results.json", "config.json", "checkpoints/last/model.safetensors", "checkpoints/last/fuse_run.json",
+              "checkpoints/last/tokenizer/tokenizer.json", "checkpoints/best/model.safetensors"):
+        assert (run / f).is_file(), f
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["steps"] == 60 and saved["flops_per_step"] > 0 and saved["config"]["fuse"] == "0:question 0:image"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(run / "tb"))
+    ea.Reload()
+    losses = [e.value for e in ea.Scalars("train/loss")]
+    assert losses[-1] < losses[0] / 2, losses  # the loss falls
+    assert {"train/lr", "eval/accuracy", "speed/steps_per_s", "speed/samples_per_s"} <= set(ea.Tags()["scalars"])
+
+
+def test_resume_continues_exactly(data, tmp_path):
+    """A run stopped at step 15 and resumed equals the same run done in one go."""
+    whole = train(tiny(data, tmp_path / "whole"))
+    train(tiny(data, tmp_path / "parts", stop_at=15))
+    assert json.loads((tmp_path / "parts/checkpoints/last/trainer_state.json").read_text())["step"] == 15
+    assert not (tmp_path / "parts/results.json").exists()
+    resumed = train(tiny(data, tmp_path / "parts", resume=True))
+    assert resumed["steps"] == whole["steps"] == 30
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "parts")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert [h["accuracy"] for h in resumed["history"]] == [h["accuracy"] for h in whole["history"]]
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    cfg = tiny(data, tmp_path / "nan", lr=1e6, clip=0.0, warmup=40, steps=40, eval_every=2)
+    with pytest.raises(TrainingDiverged, match=r"the loss became (nan|inf) at step (\d+): stopping") as e:
+        train(cfg)
+    bad_step = int(str(e.value).split(" at step ")[1].split(":")[0])
+    state = json.loads((tmp_path / "nan/checkpoints/last/trainer_state.json").read_text())
+    assert 0 < state["step"] < bad_step
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "nan").values())
+
+
+def test_question_only_model_ignores_the_cache_values(data, tmp_path):
+    r = train(tiny(data, tmp_path / "q", fuse="0:question", steps=10, eval_every=10))
+    assert r["last"]["count"] > 0
+    assert json.loads((tmp_path / "q/checkpoints/last/config.json").read_text())["modality_dims"] == {}
+
+
+def test_online_image_source_gives_the_cache_values(data):
+    from pipelines.online import ImageEmbedder, load_vit
+
+    with CacheReader(data / "cache") as r:
+        e = ImageEmbedder(load_vit(r.meta.producer), data / "shapes")
+        ids = ["1", "7", "60"]
+        got = e(ids).numpy()
+        for i, k in enumerate(ids):
+            np.testing.assert_allclose(got[i], r[k].astype(np.float32), atol=2e-3, rtol=1e-3)
+
+
+def test_online_training_runs(data, tmp_path):
+    r = train(tiny(data, tmp_path / "online", image_source="online", steps=4, eval_every=4, eval_limit=16))
+    assert r["steps"] == 4 and r["config"]["image_source"] == "online"
+
+
+def test_fuse_eval_scores_a_checkpoint_and_answers_one_question(data, tmp_path):
+    train(tiny(data, tmp_path / "run", steps=15, eval_every=15))
+    res = CliRunner().invoke(eval_main, [str(tmp_path / "run"), "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    saved = json.loads((tmp_path / "run/results.json").read_text())["best"]
+    assert d["count"] == saved["count"] and d["accuracy"] == pytest.approx(saved["accuracy"])
+    image = data / "shapes/train2014/COCO_train2014_000000000001.jpg"
+    res = CliRunner().invoke(eval_main, [str(tmp_path / "run"), "--image", str(image), "--question",
+                                         "What color is the circle?", "--json"])
+    assert res.exit_code == 0, res.output
+    answer = json.loads(res.output)["answer"]
+    assert isinstance(answer, str) and answer
+
+
+def cli(*args):
+    return CliRunner().invoke(train_main, [str(a) for a in args])
+
+
+def test_cli_errors(data, tmp_path):
+    base = ["--shards", data / "qa", "--t5", "tiny", "--tokenizer", "words", "--steps", "2", "--out", tmp_path / "x"]
+    r = cli(*base, "--cache", f"image={data / 'cache'}", "--fuse", "0:question 5:image")
+    assert r.exit_code == 1 and r.output == "Error: --fuse 0:question 5:image: the encoder has 4 layers (0..4)\n" \
+        or "--fuse 5:image" in r.output, r.output
+    r = cli(*base, "--cache", f"image={data / 'cache'}", "--fuse", "0:question 1:audio")
+    assert r.exit_code == 1 and r.output == "Error: --fuse 0:question 1:audio: modality 'audio' has no --cache audio=PATH\n"
+    # A cache that lacks most images.
+    with CacheReader(data / "cache") as src, CacheWriter(tmp_path / "partial", shape=src.meta.shape,
+                                                         producer=src.meta.producer) as w:
+        w.put("1", src["1"])
+    r = cli(*base, "--cache", f"image={tmp_path / 'partial'}")
+    assert r.exit_code == 1 and "lacks 59 of 60 ids" in r.output and "--allow-missing" in r.output
+    # A cache made by another model.
+    with CacheWriter(tmp_path / "other", shape=(9, 192), producer={"model": "vit_base_patch16_224"}) as w:
+        w.put("1", np.zeros((9, 192)))
+    r = cli(*base, "--cache", f"image={tmp_path / 'other'}", "--preset", "demo")
+    assert r.exit_code == 1
+    assert "producer.model: cache has 'vit_base_patch16_224', expected 'vit_shapes_patch16_48'" in r.output
+    r = cli(*base, "--cache", "image")
+    assert r.exit_code == 2 and "--cache image: expected MODALITY=PATH" in r.output
+
+
+def test_two_process_accelerate_launch(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "pipelines.train_cli",
+           "--shards", str(data / "qa"), "--cache", f"image={data / 'cache'}", "--t5", "tiny", "--tokenizer", "words",
+           "--steps", "4", "--eval-every", "4", "--batch-size", "8", "--num-workers", "0", "--out", str(tmp_path / "ddp"),
+           "--json"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = json.loads((tmp_path / "ddp/results.json").read_text())
+    assert results["num_processes"] == 2 and results["steps"] == 4
+    n_eval = sum(1 for _ in __import__("pipelines.stream", fromlist=["read_records"]).read_records(
+        __import__("pipelines.shards", fromlist=["shard_paths"]).shard_paths(data / "qa", "eval")))
+    assert results["last"]["count"] == n_eval  # every eval question scored once across both processes
