@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pipelines.shapes import make_image  # noqa: E402
 from pipelines.shards import write_shards  # noqa: E402
 from pipelines.stream import StreamConfig, train_loader  # noqa: E402
-from pipelines.batch import AttachVectors, open_cache  # noqa: E402
-from store import CacheWriter  # noqa: E402
+from pipelines.batch import AttachVectors  # noqa: E402
+from store import CacheReader, CacheWriter  # noqa: E402
 
 SHAPE = (196, 768)
 
@@ -60,7 +60,7 @@ def run_stream(loader):
 
 
 def run_bare(cache, ids):
-    r = open_cache(cache)  # the process' reader: LMDB allows one environment per file per process
+    r = CacheReader(cache)
     t0 = time.perf_counter()
     for i in ids:
         r[i]
@@ -68,7 +68,7 @@ def run_bare(cache, ids):
 
 
 def run_assembly(cache, ids, batch_size):
-    attach = AttachVectors({"image": open_cache(cache)})
+    attach = AttachVectors({"image": CacheReader(cache)})
     t0 = time.perf_counter()
     for k in range(0, len(ids), batch_size):
         attach.values("image", ids[k:k + batch_size])

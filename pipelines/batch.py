@@ -9,13 +9,10 @@ in the workers, 10,000 with the lookup here. Workers still open the caches, lazi
 records with missing ids when that is allowed (:class:`DropMissing`).
 """
 
-import weakref
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from store import CacheReader, CorruptValueError, MissingIdError
+from store import CorruptValueError, MissingIdError
 
 from .errors import PipelineError
 from .metric import target_answer
@@ -23,26 +20,6 @@ from .tokens import load_tokenizer
 
 DEFAULT_ID_FIELD = "image_id"
 _BITS = {"float16": "<f2", "bfloat16": "<i2", "float32": "<f4"}  # how a value's bytes are copied
-_READERS = weakref.WeakValueDictionary()  # resolved path -> the process' CacheReader while in use
-
-
-def open_cache(path, expect: dict = None) -> CacheReader:
-    """This process' reader of the cache at ``path``, checked against ``expect``.
-
-    LMDB allows one open environment per file per process, so the loaders of a process share one
-    reader per cache while any of them holds it; it closes when the last one lets go.
-
-    Raises:
-        store.MetadataMismatch: the cache's metadata differs from ``expect`` (every field named).
-        store.NotACacheError: no cache at ``path``.
-    """
-    key = str(Path(path).resolve())
-    reader = _READERS.get(key)
-    if reader is None:
-        reader = _READERS[key] = CacheReader(path)
-    if expect:
-        reader.check(expect)
-    return reader
 
 
 def _record_ids(samples, modality, field_name):

@@ -53,7 +53,9 @@ import torch
 import webdataset as wds
 from webdataset.utils import make_seed, pytorch_worker_info
 
-from .batch import DEFAULT_ID_FIELD, AttachVectors, Collate, DropMissing, VectorLoader, as_is, open_cache
+from store import CacheReader
+
+from .batch import DEFAULT_ID_FIELD, AttachVectors, Collate, DropMissing, VectorLoader, as_is
 from .errors import PipelineError
 from .preflight import PreflightReport, preflight
 
@@ -165,13 +167,14 @@ class Shuffle:
 # ---- caches ----------------------------------------------------------------------------------------
 
 def open_caches(config: "StreamConfig") -> dict:
-    """This process' reader of each modality's cache, checked against ``config.expect``.
+    """A reader of each modality's cache, checked against ``config.expect`` (the readers of a cache in
+    one process share its LMDB environment: :class:`store.CacheReader`).
 
     Raises:
         store.MetadataMismatch: a cache was built with other settings than the model expects.
         store.NotACacheError: a path holds no cache.
     """
-    return {name: open_cache(path, config.expect.get(name)) for name, path in config.caches.items()}
+    return {name: CacheReader(path, expect=config.expect.get(name)) for name, path in config.caches.items()}
 
 
 def make_collate(config: "StreamConfig") -> Collate:

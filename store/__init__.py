@@ -1,6 +1,7 @@
 """The LMDB embedding cache: image id -> one fixed-shape array (format: :mod:`store.format`)."""
 
-from .cache import CacheReader, CacheWriter, is_cache
+from .cache import CacheReader, CacheWriter
+from .env import is_cache
 from .errors import (
     CorruptValueError, MetadataMismatch, MissingIdError, NotACacheError, SchemaError, StoreError,
     ValueShapeError,

@@ -7,6 +7,8 @@ most its uncommitted batch, and a rerun carries on.
 The reader opens the environment lazily, read-only, once per process: a reader made in the parent
 can be handed to DataLoader workers (fork or spawn); each worker opens its own environment, and
 readers close before any fork (see ``_close_readers_before_fork``) and reopen on their next read.
+The readers of one cache in one process share one read-only environment, counted
+(:class:`store.env.SharedEnvs`): it closes when the last of them closes.
 """
 
 import logging
@@ -17,21 +19,20 @@ from pathlib import Path
 
 import numpy as np
 
+from .env import DEFAULT_MAP_SIZE, SHARED, _lmdb, open_env, read_meta
 from .errors import CorruptValueError, MetadataMismatch, MissingIdError, NotACacheError, StoreError
-from .format import (
-    DB_CHECKSUMS, DB_EMBEDDINGS, DB_META, META_KEY, CacheMeta, checksum, decode, encode, now_iso,
-)
+from .format import DB_CHECKSUMS, DB_EMBEDDINGS, DB_META, META_KEY, CacheMeta, checksum, decode, encode, now_iso
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAP_SIZE = 1 << 30  # virtual address space only: the file grows with its content
 _OPEN_READERS = weakref.WeakSet()
 
 
 def _close_readers_before_fork():
     """LMDB forbids using an environment across fork, and py-lmdb refuses to reopen in the child
     an environment the parent holds open (closing it there would free the parent's reader slot).
-    So readers close before a fork and reopen lazily on their next read, on either side."""
+    So readers close before a fork and reopen lazily on their next read, on either side; with every
+    reader's lease released, every shared environment (:class:`store.env.SharedEnvs`) is closed."""
     for reader in list(_OPEN_READERS):
         reader.close()
 
@@ -40,53 +41,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_close_readers_before_fork)
 
 
-def _lmdb():
-    import lmdb  # lazy: importing the package must not require it
-
-    return lmdb
-
-
 def _key(image_id) -> bytes:
     key = str(image_id).encode("utf-8")
     if not key or len(key) > 511:
         raise StoreError(f"id {image_id!r}: ids must be 1..511 bytes of UTF-8")
     return key
-
-
-def is_cache(path) -> bool:
-    return (Path(path) / "data.mdb").is_file()
-
-
-def open_env(path, readonly: bool, map_size: int = DEFAULT_MAP_SIZE):
-    """Open the environment at ``path``; read-only opens never create or modify the data file."""
-    lmdb = _lmdb()
-    path = Path(path)
-    if readonly and not is_cache(path):
-        what = "does not exist" if not path.exists() else "is not a cache (no data.mdb)"
-        raise NotACacheError(f"{path} {what}")
-    try:
-        if readonly:
-            return lmdb.open(str(path), readonly=True, lock=os.access(path, os.W_OK), max_dbs=4,
-                             readahead=False, max_readers=1024)
-        path.mkdir(parents=True, exist_ok=True)
-        # metasync=False: one fsync per commit instead of two; after a system crash the last
-        # commit may be undone but the database stays intact (LMDB's MDB_NOMETASYNC).
-        return lmdb.open(str(path), map_size=map_size, max_dbs=4, readahead=False, meminit=False,
-                         max_readers=1024, metasync=False)
-    except lmdb.Error as e:
-        raise NotACacheError(f"{path}: cannot open as an LMDB environment ({e})") from None
-
-
-def read_meta(env, path) -> CacheMeta:
-    try:
-        meta_db = env.open_db(DB_META, create=False)
-    except _lmdb().Error:
-        raise NotACacheError(f"{path} is an LMDB environment but not a cache (no metadata record)") from None
-    with env.begin(db=meta_db) as txn:
-        raw = txn.get(META_KEY)
-    if raw is None:
-        raise NotACacheError(f"{path} is an LMDB environment but not a cache (no metadata record)")
-    return CacheMeta.from_json(raw, path)
 
 
 class CacheWriter:
@@ -120,6 +79,9 @@ class CacheWriter:
         self.written = 0
         self.skipped = 0
         self._txn = None
+        if SHARED.is_open(self.path):
+            raise StoreError(f"{self.path}: a CacheReader of this cache is open in this process; close it "
+                             "before writing (LMDB opens an environment once per process)")
         self.env = open_env(self.path, readonly=False, map_size=map_size)
         try:
             self.meta = self._existing_meta()
@@ -313,6 +275,9 @@ class CacheWriter:
 class CacheReader:
     """Reads a cache; opens it read-only and lazily, once per process.
 
+    The readers of one cache in one process share its environment (LMDB opens an environment once
+    per process): each has its own read transaction, and closing one leaves the others reading.
+
     Args:
         path: directory of the LMDB environment.
         expect: optional partial metadata the caller relies on, e.g.
@@ -326,14 +291,15 @@ class CacheReader:
 
     def __init__(self, path, expect=None):
         self.path = Path(path)
-        self._env = None
-        self._txn = None
-        self._pid = None
-        env = open_env(self.path, readonly=True)
+        self._env = self._txn = self._pid = self._lease = None
+        key, env, dbs = SHARED.lease(self.path)
         try:
-            self.meta = read_meta(env, self.path)  # before opening the databases: a clear error first
+            if DB_META not in dbs:
+                raise NotACacheError(f"{self.path} is an LMDB environment but not a cache "
+                                     "(no metadata record)")
+            self.meta = read_meta(env, self.path, dbs[DB_META])  # before the data: a clear error first
         finally:
-            env.close()
+            SHARED.release(key)
         self._set_layout()
         if expect:
             self.check(expect)
@@ -349,15 +315,13 @@ class CacheReader:
 
     def _open(self):
         if self._pid != os.getpid():
-            self._env = open_env(self.path, readonly=True)
-            try:
-                self._db = self._env.open_db(DB_EMBEDDINGS, create=False)
-                self._crc_db = self._env.open_db(DB_CHECKSUMS, create=False)
-            except _lmdb().Error:
-                self._env.close()
-                self._env = self._pid = None
+            key, env, dbs = SHARED.lease(self.path)
+            if DB_EMBEDDINGS not in dbs or DB_CHECKSUMS not in dbs:
+                SHARED.release(key)
                 raise NotACacheError(f"{self.path} is an LMDB environment but not a cache "
-                                     "(no embeddings database)") from None
+                                     "(no embeddings database)")
+            self._env, self._db, self._crc_db = env, dbs[DB_EMBEDDINGS], dbs[DB_CHECKSUMS]
+            self._lease = weakref.finalize(self, SHARED.release, key)  # a reader never closed lets go too
             self._txn = None
             self._pid = os.getpid()
             _OPEN_READERS.add(self)
@@ -416,11 +380,12 @@ class CacheReader:
         return [i for i in ids if i not in self]
 
     def close(self) -> None:
-        if self._env is not None and self._pid == os.getpid():
-            if self._txn is not None:
-                self._txn.abort()
-            self._env.close()
-        self._env = self._txn = self._pid = None
+        if self._txn is not None and self._pid == os.getpid():
+            self._txn.abort()
+        if self._lease is not None:
+            self._lease()  # the last reader of the cache in this process closes its environment
+        self._env = self._txn = self._pid = self._lease = None
+        _OPEN_READERS.discard(self)
 
     def __enter__(self):
         return self
@@ -433,5 +398,5 @@ class CacheReader:
 
     def __setstate__(self, state):
         self.path, self.meta = state["path"], state["meta"]
-        self._env = self._txn = self._pid = None
+        self._env = self._txn = self._pid = self._lease = None
         self._set_layout()

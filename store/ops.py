@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import CacheReader, CacheWriter, is_cache
+from .cache import CacheReader, CacheWriter
+from .env import is_cache
 from .errors import CorruptValueError, MetadataMismatch, StoreError
 from .format import checksum, decode
 

@@ -1,5 +1,6 @@
 """The LMDB embedding cache: format, writer, reader, merge, export (real LMDB files in tmp_path)."""
 
+import gc
 import json
 import multiprocessing as mp
 
@@ -155,8 +156,8 @@ class _DS(torch.utils.data.Dataset):
 def test_reader_in_two_worker_dataloader(tmp_path, method):
     ids = [str(i) for i in range(24)]
     values = make_cache(tmp_path / "c", ids)
-    reader = CacheReader(tmp_path / "c")
-    reader["0"]  # opened in the parent before the workers start: they must reopen their own
+    reader, other = CacheReader(tmp_path / "c"), CacheReader(tmp_path / "c")
+    reader["0"], other["1"]  # one environment, open in the parent before the workers start
     loader = torch.utils.data.DataLoader(_DS(reader, ids), batch_size=4, num_workers=2,
                                          multiprocessing_context=method)
     seen = {}
@@ -166,8 +167,41 @@ def test_reader_in_two_worker_dataloader(tmp_path, method):
     assert sorted(seen) == sorted(ids)
     for i in ids:
         np.testing.assert_allclose(seen[i], values[i], atol=1e-2)
-    assert reader["5"].shape == SHAPE  # the parent's reader still works after the workers
+    assert reader["5"].shape == SHAPE  # the parent's readers still work after the workers
+    np.testing.assert_allclose(other["6"], values["6"], atol=1e-2)
     reader.close()
+    other.close()
+
+
+def test_readers_of_one_cache_in_one_process_share_its_environment(tmp_path):
+    values = make_cache(tmp_path / "c", ["a", "b"])
+    (tmp_path / "link").symlink_to(tmp_path / "c")  # the same files by another path: the same cache
+    first, second = CacheReader(tmp_path / "c"), CacheReader(tmp_path / "link")
+    np.testing.assert_allclose(first["a"], values["a"], atol=1e-2)
+    np.testing.assert_allclose(second["b"], values["b"], atol=1e-2)  # py-lmdb alone: "already open"
+    assert first.txn is not second.txn and first._env is second._env
+    first.close()
+    np.testing.assert_allclose(second["a"], values["a"], atol=1e-2)  # closing one leaves the other
+    with pytest.raises(StoreError, match="a CacheReader of this cache is open in this process"):
+        CacheWriter(tmp_path / "c", shape=SHAPE, producer={"model": "m"})
+    third = CacheReader(tmp_path / "c")
+    assert third["b"].shape == SHAPE
+    second.close()
+    third.close()
+    with CacheWriter(tmp_path / "c", shape=SHAPE, producer={"model": "m"}) as w:  # the last one closed it
+        w.put("c", np.ones(SHAPE))
+    with CacheReader(tmp_path / "c") as r:
+        assert len(r) == 3
+
+
+def test_a_reader_dropped_without_close_lets_go_of_the_environment(tmp_path):
+    make_cache(tmp_path / "c", ["a"])
+    reader = CacheReader(tmp_path / "c")
+    reader["a"]
+    del reader
+    gc.collect()
+    with CacheWriter(tmp_path / "c", shape=SHAPE, producer={"model": "m"}) as w:
+        w.put("b", np.ones(SHAPE))
 
 
 def test_verify_finds_a_value_corrupted_on_disk(tmp_path):

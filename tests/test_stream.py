@@ -11,7 +11,6 @@ import pytest
 import torch
 import transformers
 
-from pipelines.batch import open_cache
 from pipelines.errors import MissingEmbeddingsError
 from pipelines.metric import target_answer
 from pipelines.shards import write_shards
@@ -248,9 +247,12 @@ def test_config_is_validated_with_flag_names(data):
         train_loader(config(tmp_path, shards, tokenizer="/nowhere"))
 
 
-def test_loaders_of_one_process_share_the_cache_reader(data):
+def test_loaders_of_one_process_share_the_cache_environment(data):
     tmp_path, records, shards = data
-    cfg = config(tmp_path, shards)
+    cfg = config(tmp_path, shards, num_workers=2)
     a, b = train_loader(cfg), eval_loader(cfg, 0, 1)  # LMDB: one environment per file per process
-    assert a.attach.readers["image"] is b.attach.readers["image"] is open_cache(tmp_path / "cache")
     assert len(collect(a)) == len(collect(b)) == len(records)
+    ra, rb = a.attach.readers["image"], b.attach.readers["image"]
+    assert ra["0"].shape == rb["0"].shape == SHAPE and ra._env is rb._env  # (readers reopen after forks)
+    ra.close()
+    assert len(collect(b)) == len(records)  # the other loader's reader still reads
