@@ -51,8 +51,7 @@ def write_shards(records, pattern, shard_size: int = 1000, min_shards: int = 1) 
         raise ValueError(f"--shard-size {shard_size}: must be at least 1")
     per_shard = max(1, min(shard_size, math.ceil(len(records) / max(min_shards, 1))))
     Path(str(pattern) % 0).parent.mkdir(parents=True, exist_ok=True)
-    # a whole-second mtime: no PAX header per member (half the tar parsing), reproducible bytes
-    with AtomicShardWriter(str(pattern), maxcount=per_shard, mtime=0) as sink:
+    with AtomicShardWriter(str(pattern), maxcount=per_shard) as sink:  # mtime 0: no PAX header per member
         for r in records:
             d = record_dict(r)
             sink.write({"__key__": str(d["question_id"]), "json": json.dumps(d).encode("utf-8")})

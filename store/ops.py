@@ -137,12 +137,18 @@ class AtomicShardWriter:
     """``webdataset.ShardWriter`` whose shards appear under their name only once complete.
 
     Each shard is written to ``NAME.tmp`` and renamed when it is closed, so a killed writer never
-    leaves a half-written shard that a reader would take for a whole one.
+    leaves a half-written shard that a reader would take for a whole one; an exception inside the
+    ``with`` block leaves the unfinished shard as ``NAME.tmp`` too.
+
+    Members get ``mtime=0`` unless told otherwise (``webdataset.TarWriter``'s ``mtime``): its
+    default, the current time as a float, costs a PAX header per member (twice the tar parsing)
+    and makes the bytes differ between runs.
     """
 
     def __init__(self, pattern, maxcount=10000, **kw):
         import webdataset as wds
 
+        kw.setdefault("mtime", 0)
         self._files = {}
         self.shards = []
         self._writer = wds.ShardWriter(str(pattern), maxcount=maxcount, verbose=0,
@@ -164,15 +170,29 @@ class AtomicShardWriter:
     def close(self) -> None:
         self._writer.close()
 
+    def abandon(self) -> None:
+        """Stop without renaming: the unfinished shard stays ``NAME.tmp``.
+
+        The tar stream is closed before its file (closing the file under it would leave the stream
+        to flush into a closed file when collected: "ValueError: write to closed file").
+        """
+        tar, self._writer.tarstream = getattr(self._writer, "tarstream", None), None
+        try:
+            if tar is not None:
+                tar.close()  # ends the archive in NAME.tmp; the file is ours and stays open
+        finally:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, *exc):
         if exc_type is None:
             self.close()
-        else:  # leave the .tmp file of the unfinished shard; close the handle only
-            for f in self._files.values():
-                f.close()
+        else:
+            self.abandon()
 
 
 def npy_bytes(array: np.ndarray) -> bytes:

@@ -44,9 +44,6 @@ def test_shards_hold_one_json_record_per_question(tmp_path):
     assert len(write_shards(records(16), tmp_path / "m-%06d.tar", shard_size=1000, min_shards=8)) == 8
 
 
-# store.AtomicShardWriter closes the unfinished shard's file under its tar stream, which then fails
-# to flush when collected: harmless, reported to the store's owner
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_an_exception_mid_write_leaves_only_whole_shards(tmp_path):
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_shards(records(15) + [Poison()], tmp_path / "s-%06d.tar", shard_size=10)

@@ -3,14 +3,17 @@
 import gc
 import json
 import multiprocessing as mp
+import os
+import sys
+import tarfile
 
 import numpy as np
 import pytest
 import torch
 
 from store import (
-    CacheReader, CacheWriter, CorruptValueError, MetadataMismatch, MissingIdError, NotACacheError,
-    SchemaError, StoreError, ValueShapeError, export, merge, verify,
+    AtomicShardWriter, CacheReader, CacheWriter, CorruptValueError, MetadataMismatch, MissingIdError,
+    NotACacheError, SchemaError, StoreError, ValueShapeError, export, merge, verify,
 )
 from store.format import DB_EMBEDDINGS, DB_META, META_KEY
 
@@ -317,3 +320,28 @@ def test_export_is_readable_by_webdataset(tmp_path):
     for i in ids:
         assert got[i].shape == SHAPE and got[i].dtype == np.float16
         np.testing.assert_allclose(got[i], values[i], atol=1e-2)
+
+
+def test_shard_writer_exception_leaves_the_unfinished_shard_as_tmp_quietly(tmp_path, monkeypatch):
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)  # e.g. "write to closed file" in GC
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        with AtomicShardWriter(str(tmp_path / "s-%04d.tar"), maxcount=2) as sink:
+            for i in range(3):
+                sink.write({"__key__": str(i), "txt": b"x"})
+            raise RuntimeError("disk on fire")
+    del sink
+    gc.collect()
+    assert [u.exc_value for u in unraisable] == []
+    assert sorted(os.listdir(tmp_path)) == ["s-0000.tar", "s-0001.tar.tmp"]  # never renamed
+    with tarfile.open(tmp_path / "s-0001.tar.tmp") as t:
+        assert t.getnames() == ["2.txt"]
+
+
+def test_shard_members_have_mtime_0_and_no_pax_headers(tmp_path):
+    with AtomicShardWriter(str(tmp_path / "s-%04d.tar")) as sink:
+        sink.write({"__key__": "0", "txt": b"x"})
+    raw = (tmp_path / "s-0000.tar").read_bytes()
+    assert raw[156:157] == b"0" and raw[512:513] == b"x"  # a plain file header, then the data
+    with tarfile.open(tmp_path / "s-0000.tar") as t:
+        assert [(m.name, m.mtime, m.pax_headers) for m in t.getmembers()] == [("0.txt", 0, {})]
