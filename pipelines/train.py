@@ -206,8 +206,9 @@ def train(cfg: TrainConfig) -> dict:
 
     hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bars, once per checkpoint
 
+    # accelerate joins CPU processes (gloo) only when told it runs on the CPU
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                              cpu=cfg.device == "cpu")
+                              cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     main = accelerator.is_main_process
     out = Path(cfg.out)
     ckpt_last, ckpt_best = out / "checkpoints" / "last", out / "checkpoints" / "best"
@@ -306,12 +307,6 @@ def train(cfg: TrainConfig) -> dict:
             writer.add_scalar("speed/stream_wait_fraction", t_wait / elapsed, step)
             bar.set_postfix(loss=f"{window_loss / window_n:.3f}", refresh=False)
             window_loss, window_n = 0.0, 0
-        if cfg.stop_at and step >= cfg.stop_at and step < cfg.steps:
-            if main:
-                save_checkpoint(ckpt_last, accelerator.unwrap_model(model), optimizer, schedule, state, run=run)
-            accelerator.wait_for_everyone()
-            log.info("stopped at step %d (--stop-at); continue with --resume", step)
-            break
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics = evaluate(model, eval_loader(eval_sc, accelerator.process_index, accelerator.num_processes),
                                tokenizer, modalities, accelerator, cfg.max_new_tokens, cfg.eval_limit)
@@ -332,6 +327,12 @@ def train(cfg: TrainConfig) -> dict:
                     save_checkpoint(ckpt_best, unwrapped, state={"step": step, "metrics": metrics}, run=run)
                 save_checkpoint(ckpt_last, unwrapped, optimizer, schedule, state, run=run)
             accelerator.wait_for_everyone()
+        if cfg.stop_at and step >= cfg.stop_at and step < cfg.steps:
+            if main:
+                save_checkpoint(ckpt_last, accelerator.unwrap_model(model), optimizer, schedule, state, run=run)
+            accelerator.wait_for_everyone()
+            log.info("stopped at step %d (--stop-at); continue with --resume", step)
+            break
     bar.close()
 
     elapsed = t_train + t_wait

@@ -79,7 +79,7 @@ def main(caches, config_file, preset, as_json, **flags):
     Example:
 
         fuse-train --preset demo --shards runs/qa --cache image=runs/cache --out runs/demo
-        accelerate launch --num_processes 2 -m pipelines.train_cli --preset demo --shards runs/qa --cache image=runs/cache
+        accelerate launch --multi_gpu --num_processes 2 -m pipelines.train_cli --preset demo --shards runs/qa --cache image=runs/cache
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .train import train
