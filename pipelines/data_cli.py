@@ -115,12 +115,15 @@ def shards(vqa_dir, out, split_by, seed, eval_fraction, shard_size, splits, no_c
                f"eval: {e['count']} questions, {e['images']} images, {len(e['shards'])} shards -> {out}")
 
 
-def _parse_caches(values) -> dict:
+def parse_caches(values) -> dict:
+    """``--cache MODALITY=PATH`` options (shared by every CLI that reads caches) -> ``{modality: path}``."""
     caches = {}
-    for v in values:
-        name, sep, path = v.partition("=")
+    for item in values:
+        name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise click.UsageError(f"--cache {v}: expected NAME=PATH, e.g. --cache image=cache/")
+            raise click.UsageError(f"--cache {item}: expected MODALITY=PATH, e.g. --cache image=runs/cache")
+        if name in caches:
+            raise click.UsageError(f"--cache {item}: modality '{name}' given twice")
         caches[name] = path
     return caches
 
@@ -151,7 +154,7 @@ def check(shard_dir, caches, expect, as_json):
         expect = json.loads(expect) if expect else {}
     except ValueError as e:
         raise click.UsageError(f"--expect: not valid JSON ({e})") from None
-    caches = _parse_caches(caches)
+    caches = parse_caches(caches)
     report = {}
     for side in ("train", "eval"):
         config = StreamConfig(shards=shard_paths(shard_dir, side), caches=caches, expect=expect)

@@ -8,20 +8,9 @@ import click
 from fuse import FusionConfigError
 from store import StoreError
 
+from .data_cli import parse_caches
 from .errors import PipelineError
 from .train_config import IMAGE_SOURCES, OPTIMIZERS, PRECISIONS, PRESETS, SCHEDULES, TrainConfig
-
-
-def parse_caches(values) -> dict:
-    caches = {}
-    for item in values:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise click.UsageError(f"--cache {item}: expected MODALITY=PATH, e.g. --cache image=runs/cache")
-        if name in caches:
-            raise click.UsageError(f"--cache {item}: modality '{name}' given twice")
-        caches[name] = path
-    return caches
 
 
 def format_results(results: dict) -> str:

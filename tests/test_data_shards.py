@@ -139,7 +139,7 @@ def test_cli_bad_input_is_one_line_exit_1(tmp_path):
     assert r.output == (f"Error: {tmp_path / 'v2_OpenEnded_mscoco_train2014_questions.json'}: top level: "
                         "expected an object with a 'questions' list\n")
     r = run("check", tmp_path, "--cache", "image")
-    assert r.exit_code == 2 and "--cache image: expected NAME=PATH" in r.output
+    assert r.exit_code == 2 and "--cache image: expected MODALITY=PATH" in r.output
     r = run("shapes", tmp_path / "s", "--images", 0)
     assert r.exit_code == 2
 
