@@ -21,7 +21,9 @@ import numpy as np
 
 from .env import DEFAULT_MAP_SIZE, SHARED, _lmdb, open_env, read_meta
 from .errors import CorruptValueError, MetadataMismatch, MissingIdError, NotACacheError, StoreError
-from .format import DB_CHECKSUMS, DB_EMBEDDINGS, DB_META, META_KEY, CacheMeta, checksum, decode, encode, now_iso
+from .format import (
+    DB_CHECKSUMS, DB_EMBEDDINGS, DB_META, META_KEY, CacheMeta, checksum, decode, encode, now_iso,
+)
 
 log = logging.getLogger(__name__)
 
@@ -338,17 +340,47 @@ class CacheReader:
         """The value's raw bytes (a buffer valid until the reader closes), or None."""
         return self.txn.get(_key(image_id), db=self._db)
 
+    def _bad_value(self, image_id, buf) -> StoreError:
+        if buf is None:
+            return MissingIdError(f"id {str(image_id)!r} is not in cache {self.path}")
+        return CorruptValueError(f"id {str(image_id)!r} in {self.path}: value of {len(buf)} bytes, "
+                                 f"expected {self._nbytes}")
+
     def __getitem__(self, image_id) -> np.ndarray:
         # The hot path of training: one lookup, one copy out of the map, no per-call setup.
         buf = (self._txn or self.txn).get(str(image_id).encode(), db=self._db)
-        if buf is None:
-            raise MissingIdError(f"id {str(image_id)!r} is not in cache {self.path}")
-        if len(buf) != self._nbytes:
-            raise CorruptValueError(f"id {str(image_id)!r} in {self.path}: value of {len(buf)} bytes, "
-                                    f"expected {self._nbytes}")
+        if buf is None or len(buf) != self._nbytes:
+            raise self._bad_value(image_id, buf)
         if self._np_dtype is None:
             return decode(buf, self.meta)
         return np.frombuffer(buf, self._np_dtype).reshape(self._shape).copy()
+
+    def get_batch(self, ids, out: np.ndarray = None) -> np.ndarray:
+        """The values of ``ids`` as one array ``(len(ids), *shape)``, each copied once out of the map.
+
+        The array has the cache's dtype, but for bfloat16, which numpy lacks: its bits as ``int16``
+        (``torch.from_numpy(a).view(torch.bfloat16)``).
+
+        Args:
+            ids: the ids, in the order of the rows.
+            out: a C-contiguous array of ``len(ids)`` rows of one value's size to fill instead.
+
+        Raises:
+            MissingIdError, CorruptValueError: as ``reader[id]``, for the first bad id.
+        """
+        n = self._nbytes
+        if out is None:
+            out = np.empty((len(ids), *self._shape), dtype=self._np_dtype or np.int16)
+        elif not out.flags.c_contiguous or out.nbytes != len(ids) * n:
+            raise StoreError(f"get_batch: out must be a C-contiguous array of {len(ids)} x {n} bytes")
+        rows = memoryview(out.reshape(-1).view(np.uint8))  # (len(ids) * n,): a row = one slice, one memcpy
+        txn, db = self._txn or self.txn, self._db
+        for i, image_id in enumerate(ids):
+            buf = txn.get(str(image_id).encode(), db=db)
+            if buf is None or len(buf) != n:
+                raise self._bad_value(image_id, buf)
+            rows[i * n:(i + 1) * n] = buf
+        return out
 
     def get(self, image_id, default=None):
         try:

@@ -345,3 +345,22 @@ def test_shard_members_have_mtime_0_and_no_pax_headers(tmp_path):
     assert raw[156:157] == b"0" and raw[512:513] == b"x"  # a plain file header, then the data
     with tarfile.open(tmp_path / "s-0000.tar") as t:
         assert [(m.name, m.mtime, m.pax_headers) for m in t.getmembers()] == [("0.txt", 0, {})]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_get_batch_copies_each_value_into_one_array(tmp_path, dtype):
+    values = make_cache(tmp_path / "c", ["a", "b", "c"], dtype=dtype)
+    with CacheReader(tmp_path / "c") as r:
+        batch = r.get_batch(["c", "a", "c"])
+        assert batch.shape == (3, *SHAPE) and batch.flags.c_contiguous
+        got = torch.from_numpy(batch).view(torch.bfloat16).float() if dtype == "bfloat16" else batch
+        for row, i in zip(got, ["c", "a", "c"]):
+            np.testing.assert_array_equal(np.asarray(row, dtype=np.float32), r["a" if i == "a" else "c"])
+        np.testing.assert_allclose(np.asarray(got[1], dtype=np.float32), values["a"], rtol=1e-2, atol=1e-2)
+        out = np.empty_like(batch)
+        assert r.get_batch(["c", "a", "c"], out=out) is out and np.array_equal(out, batch)
+        with pytest.raises(StoreError, match="C-contiguous array of 2 x"):
+            r.get_batch(["a", "b"], out=np.empty((2, *SHAPE), batch.dtype)[:, ::-1])
+        with pytest.raises(MissingIdError, match=r"^id 'zz' is not in cache"):
+            r.get_batch(["a", "zz"])
+        assert r.get_batch([]).shape == (0, *SHAPE)
