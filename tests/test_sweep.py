@@ -1,0 +1,253 @@
+"""fuse-sweep on real data: shapes images -> the shipped demo ViT -> LMDB cache -> shards -> a 2×2 grid
+of tiny fused T5s trained for real on the CPU; then the summary, the figures, reruns and broken runs."""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from embed import EmbedConfig, embed
+from pipelines.figures import make_figures
+from pipelines.shards import write_qa_shards
+from pipelines.shapes import write_shapes
+from pipelines.sweep import GridPoint, SweepConfig, plan, prepare_shards, run_sweep
+from pipelines.sweep_cli import main
+from pipelines.sweep_report import COLUMNS, RunRecord, pareto_front, report, summarise
+from pipelines.train import TrainingDiverged
+
+RUNS = ["f0-d1-pool_none-r0", "f0-d2-pool_none-r0", "f4-d1-pool_none-r0", "f4-d2-pool_none-r0"]
+SUMMARY = ("summary.json", "summary.csv", "summary.md")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_shapes(root / "shapes", images=40, seed=5)
+    embed(EmbedConfig(images=[str(root / "shapes" / "train2014")], out=str(root / "cache"),
+                      model="vit_shapes_patch16_48", pretrained=True, num_workers=0, progress=False))
+    write_qa_shards(root / "shapes", root / "qa", min_shards=2, seed=0)
+    return root
+
+
+def flags(data, out, *extra):
+    return ["--shards", str(data / "qa"), "--cache", f"image={data / 'cache'}", "--fuse-layers", "0,4",
+            "--decoder-layers", "1,2", "--t5", "tiny", "--tokenizer", "words", "--steps", "10", "--eval-every", "5",
+            "--batch-size", "16", "--lr", "1e-2", "--warmup", "0", "--num-workers", "0", "--out", str(out), *extra]
+
+
+def config(data, out, **kw):
+    train = dict(t5="tiny", tokenizer="words", steps=10, eval_every=5, batch_size=16, lr=1e-2, warmup=0.0,
+                 num_workers=0, progress=False)
+    return SweepConfig(out=str(out), shards=str(data / "qa"), caches={"image": str(data / "cache")},
+                       fuse_layers=(0, 4), decoder_layers=(1, 2), train=train, **kw)
+
+
+@pytest.fixture(scope="module")
+def sweep(data):
+    """The 2×2 sweep, run once through the CLI; tests that change it work on a copy."""
+    out = data / "sweep"
+    result = CliRunner().invoke(main, flags(data, out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def copy_of(sweep, tmp_path):
+    shutil.copytree(sweep, tmp_path / "sweep")
+    return tmp_path / "sweep"
+
+
+def test_the_sweep_trains_every_grid_point_and_writes_every_artifact(sweep):
+    assert sorted(p.name for p in (sweep / "runs").iterdir()) == RUNS
+    for name in RUNS:
+        run = sweep / "runs" / name
+        for f in ("results.json", "config.json", "checkpoints/last/model.safetensors", "checkpoints/best/model.safetensors"):
+            assert (run / f).is_file(), (name, f)
+        assert list((run / "tb").glob("events.out.tfevents.*"))
+        cfg = json.loads((run / "results.json").read_text())["config"]
+        layer, depth = int(name[1]), int(name[4])
+        assert (cfg["fuse"], cfg["decoder_layers"], cfg["seed"], cfg["steps"]) == (f"0:question {layer}:image", depth, 0, 10)
+    summary = json.loads((sweep / "summary.json").read_text())
+    assert [(p["fuse_layer"], p["decoder_layers"], p["pool"], p["repeats"]) for p in summary["points"]] == [
+        (0, 1, "none", 1), (0, 2, "none", 1), (4, 1, "none", 1), (4, 2, "none", 1)]
+    for p in summary["points"]:
+        assert p["steps_per_s"] > 0 and p["samples_per_s"] > 0 and p["params"] > 0 and p["flops_per_step"] > 0
+        assert 0 <= p["best_accuracy_pct"] <= 100 and p["best_accuracy_pct"] >= p["last_accuracy_pct"]
+        assert p["best_accuracy_pct_std"] is None  # one repeat: no spread
+    # Late fusion (4) runs the image tokens through no encoder block: fewer FLOPs than early fusion (0).
+    flops = {(p["fuse_layer"], p["decoder_layers"]): p["flops_per_step"] for p in summary["points"]}
+    assert flops[(4, 1)] < flops[(0, 1)] and flops[(0, 1)] < flops[(0, 2)]
+    assert any(p["pareto"] for p in summary["points"])
+    csv_lines = (sweep / "summary.csv").read_text().splitlines()
+    assert csv_lines[0] == ",".join(COLUMNS) and len(csv_lines) == 5
+    md = (sweep / "summary.md").read_text()
+    assert "| fusion layer | decoder layers |" in md and md.count("\n| 4 | ") == 2
+    assert summary["figures"] == ["figures/accuracy_heatmap.png", "figures/fusion_layer.png",
+                                  "figures/accuracy_vs_flops.png", "figures/curves.png"]
+    for f in summary["figures"]:
+        assert (sweep / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["failed"] == [] and summary["broken"] == []
+    assert "run 4/4 f4-d2-pool_none-r0" in (sweep / "sweep.log").read_text()
+
+
+def test_report_from_the_finished_runs_equals_the_one_the_sweep_wrote(sweep):
+    before = {f: (sweep / f).read_bytes() for f in SUMMARY}
+    pngs = {p.name: p.read_bytes() for p in (sweep / "figures").iterdir()}
+    result = CliRunner().invoke(main, ["report", str(sweep)])
+    assert result.exit_code == 0, result.output
+    assert {f: (sweep / f).read_bytes() for f in SUMMARY} == before
+    assert {p.name: p.read_bytes() for p in (sweep / "figures").iterdir()} == pngs
+    assert "| 0 | 1 | none | 1 |" in result.output and "4 finished run(s)" in result.output
+
+
+def test_a_rerun_redoes_only_what_is_missing(data, sweep, tmp_path, caplog):
+    out = copy_of(sweep, tmp_path)
+    killed, never_started = out / "runs" / RUNS[1], out / "runs" / RUNS[2]
+    (killed / "results.json").unlink()  # killed mid-run: checkpoints and logs, no results
+    (killed / "stale.txt").write_text("from the killed run")
+    shutil.rmtree(never_started)
+    kept = {name: (out / "runs" / name / "results.json").stat().st_mtime_ns for name in (RUNS[0], RUNS[3])}
+    assert [s for _, s, _ in plan(config(data, out))[1]] == ["finished", "broken", "todo", "finished"]
+
+    with caplog.at_level(logging.INFO, logger="pipelines.sweep"):
+        summary = run_sweep(config(data, out))
+    assert summary["ran"] == RUNS[1:3] and summary["redone"] == [RUNS[1]]
+    assert summary["skipped"] == [RUNS[0], RUNS[3]]
+    assert {n: (out / "runs" / n / "results.json").stat().st_mtime_ns for n in kept} == kept
+    assert not (killed / "stale.txt").exists() and (killed / "results.json").is_file()
+    assert f"redo {RUNS[1]}: no results.json" in caplog.text
+    assert summary["finished"] == 4 and summary["broken"] == []
+
+
+def test_a_broken_run_is_reported_not_averaged_in(sweep, tmp_path, caplog):
+    out = copy_of(sweep, tmp_path)
+    runs = out / "runs"
+    original = json.loads((runs / RUNS[0] / "results.json").read_text())
+    # A second repeat of the first grid point with 50% best / 40% last accuracy: averaged in.
+    shutil.copytree(runs / RUNS[0], runs / "f0-d1-pool_none-r1")
+    second = {**original, "best": {**original["best"], "accuracy": 0.5},
+              "last": {**original["last"], "accuracy": 0.4}, "config": {**original["config"], "seed": 1}}
+    (runs / "f0-d1-pool_none-r1" / "results.json").write_text(json.dumps(second))
+    # A third whose results.json is cut short, and one without a best accuracy: reported, not averaged in.
+    shutil.copytree(runs / RUNS[0], runs / "f0-d1-pool_none-r2")
+    (runs / "f0-d1-pool_none-r2" / "results.json").write_text(json.dumps(original)[:200])
+    shutil.copytree(runs / RUNS[0], runs / "f0-d1-pool_none-r3")
+    (runs / "f0-d1-pool_none-r3" / "results.json").write_text(json.dumps({**original, "best": None}))
+
+    with caplog.at_level(logging.WARNING):
+        summary = report(out)
+    row = summary["points"][0]
+    assert (row["fuse_layer"], row["decoder_layers"], row["repeats"]) == (0, 1, 2)
+    assert row["runs"] == "f0-d1-pool_none-r0 f0-d1-pool_none-r1"
+    assert row["best_accuracy_pct"] == pytest.approx((100 * original["best"]["accuracy"] + 50) / 2, abs=1e-4)
+    assert row["last_accuracy_pct"] == pytest.approx((100 * original["last"]["accuracy"] + 40) / 2, abs=1e-4)
+    assert row["best_accuracy_pct_std"] == pytest.approx(abs(50 - 100 * original["best"]["accuracy"]) / 2 ** 0.5, abs=1e-3)
+    broken = {b["run"]: b["reason"] for b in summary["broken"]}
+    assert broken.keys() == {"f0-d1-pool_none-r2", "f0-d1-pool_none-r3"}
+    assert broken["f0-d1-pool_none-r2"].startswith("results.json is unreadable")
+    assert broken["f0-d1-pool_none-r3"] == "'best' is missing"
+    assert "broken run f0-d1-pool_none-r2: results.json is unreadable" in caplog.text
+    md = (out / "summary.md").read_text()
+    assert "## Broken runs (not in the table)" in md and "- `f0-d1-pool_none-r3`: 'best' is missing" in md
+
+
+def test_a_diverged_run_is_recorded_then_kept_unless_retried(data, sweep, tmp_path):
+    out = copy_of(sweep, tmp_path)
+    shutil.rmtree(out / "runs" / RUNS[3])
+
+    def diverge(cfg):
+        Path(cfg.out).mkdir(parents=True)
+        raise TrainingDiverged("the loss became nan at step 3")
+
+    summary = run_sweep(config(data, out), train_fn=diverge)
+    assert summary["newly_failed"] == [RUNS[3]] and summary["ran"] == []
+    assert summary["failed"] == [{"run": RUNS[3], "reason": "diverged: the loss became nan at step 3"}]
+    assert len(summary["points"]) == 3
+    again = run_sweep(config(data, out), train_fn=diverge)  # kept: not tried again
+    assert again["skipped"] == RUNS and again["newly_failed"] == []
+    retried = run_sweep(config(data, out, retry_failed=True), train_fn=diverge)
+    assert retried["redone"] == [RUNS[3]] and retried["newly_failed"] == [RUNS[3]]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--fuse-layers", "0,5"],
+     "--fuse-layers 5: the encoder of --t5 tiny has 4 layers, so a fusion layer is in 0..4 (0 = early, 4 = late fusion)"),
+    (["--pool", "none,attention:20"],
+     "--pool attention:20: the image cache holds 9 tokens per item; pooling keeps at most that many"),
+    (["--pool", "foo:3"], "--pool foo:3: unknown pooling 'foo' (none, mean, max, attention)"),
+    (["--decoder-layers", "0,1"], "--decoder-layers 0: the decoder needs at least 1 block"),
+    (["--fuse-layers", "0,x"], "Invalid value for '--fuse-layers': 0,x: expected comma-separated integers, e.g. 0,2,4"),
+    (["--repeats", "0"], "--repeats 0: must be at least 1"),
+])
+def test_a_bad_grid_exits_2_before_anything_is_written(data, tmp_path, extra, message):
+    result = CliRunner().invoke(main, flags(data, tmp_path / "out", *extra))
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1] == f"Error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_settings_into_a_finished_sweep_are_refused(data, sweep):
+    result = CliRunner().invoke(main, flags(data, sweep, "--lr", "5e-3"))
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[-1] == (
+        f"Error: {sweep / 'runs' / RUNS[0]} finished with other settings (lr: 0.01 there, 0.005 now): "
+        "sweep into another --out, or delete that run to redo it")
+
+
+def test_dry_run_and_report_errors(data, sweep, tmp_path):
+    result = CliRunner().invoke(main, ["run", *flags(data, sweep, "--fuse-layers", "0,2,4", "--dry-run")])
+    assert result.exit_code == 0, result.output
+    assert "f2-d1-pool_none-r0\ttodo" in result.output and "f0-d1-pool_none-r0\tfinished" in result.output
+    assert result.output.splitlines()[-1] == "2 of 6 run(s) to do (10 steps each)"
+    result = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == f"Error: {tmp_path}: no runs/ folder (not a sweep directory, or no run started yet)"
+
+
+def test_the_cpu_grid_and_its_overrides():
+    cfg = SweepConfig.resolve("cpu", out="x", shards="qa", caches={"image": "c"}, train={"steps": 20, "lr": None})
+    assert (cfg.fuse_layers, cfg.decoder_layers, cfg.pools, cfg.repeats) == ((0, 2, 4), (1, 2), ("none",), 2)
+    assert cfg.train == {"preset": "demo", "steps": 20, "eval_every": 50}
+    assert [p.name for p in cfg.points(2)][:3] == ["f0-d1-pool_none-r0", "f0-d1-pool_none-r1", "f0-d2-pool_none-r0"]
+    assert GridPoint(3, 2, "attention:14", 1).name == "f3-d2-pool_attention14-r1"
+
+
+def test_vqa_folder_shards_are_written_once(data, tmp_path):
+    cfg = SweepConfig(out=str(tmp_path), vqa=str(data / "shapes"), caches={"image": "c"}, fuse_layers=(0,))
+    prepare_shards(cfg)
+    manifest = (tmp_path / "qa" / "manifest.json").stat().st_mtime_ns
+    prepare_shards(cfg)
+    assert (tmp_path / "qa" / "manifest.json").stat().st_mtime_ns == manifest
+
+
+# ---- the figures and the summary on made-up results (no training) ---------------------------------
+
+def record(L, d, pool, seed=0, acc=0.5, speed=2.0, flops=1e9):
+    return RunRecord(name=f"f{L}-d{d}-pool_{pool}-r{seed}", fuse_layer=L, decoder_layers=d, pool=pool, seed=seed,
+                     best_accuracy=acc, best_step=10, last_accuracy=acc - 0.1, last_step=20, steps_per_s=speed,
+                     samples_per_s=64 * speed, params=1000, flops_per_step=flops, history=[(10, acc), (20, acc - 0.1)])
+
+
+def test_pareto_front_keeps_the_points_nothing_beats():
+    assert pareto_front([(1, 0.5), (2, 0.6), (3, 0.55), (2, 0.4), (1, 0.5)]) == {0, 1, 4}
+
+
+def test_pooling_figures_and_skipped_figures(tmp_path, caplog):
+    records = [record(L, 2, pool, acc=0.3 + 0.05 * L + 0.01 * i, speed=1 + i, flops=(4 - L + 1) * 1e9 / (i + 1))
+               for L in (0, 4) for i, pool in enumerate(["none", "mean:4", "mean:2", "attention:4"])]
+    rows = summarise(records)
+    with caplog.at_level(logging.INFO, logger="pipelines.figures"):
+        written = make_figures(rows, records, tmp_path, encoder_layers=4, full_length=9)
+    names = [p.name for p in written]
+    assert "pooling_mean.png" in names and "pooling_attention.png" in names  # attention: 4 and 9 (unpooled)
+    assert "fusion_layer_pool_mean4.png" in names and "accuracy_vs_flops.png" in names
+    assert not any(n.startswith("accuracy_heatmap") for n in names)  # one decoder depth
+    assert "figure accuracy_heatmap_pool_none skipped: the grid has 2 fusion layer(s) and 1 decoder depth(s)" in caplog.text
+    one = [record(2, 1, "none")]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipelines.figures"):
+        assert [p.name for p in make_figures(summarise(one), one, tmp_path / "one")] == ["curves.png"]
+    assert "figure fusion_layer skipped: a single fusion layer (2)" in caplog.text
+    assert "figure accuracy_vs_flops skipped: every grid point has the same FLOPs per step" in caplog.text
