@@ -4,8 +4,8 @@ The values are looked up where the batch is consumed, not in the workers. The ca
 map of the page cache, so this process can copy each value once, straight into the batch array;
 looked up in a worker, a value would be copied into the worker, then into a fresh shared-memory
 segment per batch (with a page fault per 4 KiB), then mapped here. Measured on the 2-core dev VM
-(``bench/stream_bench.py``, 196x768 float16, batch 64, 2 workers): 1,900 samples/s with the lookup
-in the workers, 10,000 with the lookup here. Workers still open the caches, lazily, to drop
+(``bench/stream_bench.py``, 196x768 float16, batch 64, 2 workers), when this was decided: 1,900
+samples/s with the lookup in the workers, 10,000 with the lookup here. Workers still open the caches, lazily, to drop
 records with missing ids when that is allowed (:class:`DropMissing`).
 """
 
