@@ -161,22 +161,15 @@ def _octal(field: bytes, url: str, offset: int) -> int:
         raise PipelineError(f"{url}: not a tar archive, or damaged at byte {offset}") from None
 
 
-def _pax(data: bytes, url: str, offset: int) -> dict:
+def _pax(data: bytes) -> dict:
     """A PAX extended header's records (``"LEN key=value\\n"``), values as bytes."""
     out, pos = {}, 0
-    try:
-        while pos < len(data) and data[pos] != 0:
-            space = data.index(b" ", pos)
-            end = pos + int(data[pos:space])
-            if end <= space:
-                raise ValueError(end)
-            key, _, value = data[space + 1:end - 1].partition(b"=")
-            out[key.decode()] = value
-            pos = end
-        if "size" in out:
-            out["size"] = int(out["size"])
-    except ValueError:  # also UnicodeDecodeError
-        raise PipelineError(f"{url}: damaged PAX header at byte {offset}") from None
+    while pos < len(data) and data[pos] != 0:
+        space = data.index(b" ", pos)
+        end = pos + int(data[pos:space])
+        key, _, value = data[space + 1:end - 1].partition(b"=")
+        out[key.decode()] = value
+        pos = end
     return out
 
 
@@ -203,8 +196,8 @@ def tar_members(data: bytes, url: str) -> list:
             name = data[start:start + length].rstrip(b"\0")
             continue
         if kind == ord("x"):  # PAX: the next member's attributes
-            pax = _pax(data[start:start + length], url, start - _BLOCK)
-            name, size = pax.get("path", name), pax.get("size", size)
+            pax = _pax(data[start:start + length])
+            name, size = pax.get("path", name), int(pax["size"]) if "size" in pax else size
             continue
         if kind == ord("S"):
             raise PipelineError(f"{url}: member at byte {start - _BLOCK} is a GNU sparse file (unsupported)")
@@ -264,8 +257,9 @@ def parse_record(sample: dict) -> dict:
     """A tar sample -> the QA record of its ``json`` member (the only member decoded: never pickle
     or torch.load), checked for the fields the stream needs."""
     data = sample.get("json")
+    where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
     if data is None:
-        raise _bad_record(sample, "no JSON record")
+        raise PipelineError(f"{where}: no JSON record")
     try:
         text = data.decode("utf-8")
         try:
@@ -275,17 +269,13 @@ def parse_record(sample: dict) -> dict:
         if end != len(text):  # whitespace around it, or not JSON: json.loads decides, and says where
             rec = json.loads(text)
     except ValueError as e:  # UnicodeDecodeError, JSONDecodeError
-        raise _bad_record(sample, f"the json member is not JSON ({e})") from None
+        raise PipelineError(f"{where}: the json member is not JSON ({e})") from None
     if not isinstance(rec, dict):
-        raise _bad_record(sample, "no JSON record")
+        raise PipelineError(f"{where}: no JSON record")
     for name in RECORD_FIELDS:
         if name not in rec:
-            raise _bad_record(sample, f"record has no {name}")
+            raise PipelineError(f"{where}: record has no {name}")
     return rec
-
-
-def _bad_record(sample: dict, why: str) -> PipelineError:
-    return PipelineError(f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}: {why}")
 
 
 def parse_records(src):

@@ -110,16 +110,3 @@ def test_the_json_member_is_decoded_strictly(tmp_path):
             parse_record({**sample, "json": payload})
     with pytest.raises(PipelineError, match="^u.tar: sample 7: no JSON record"):
         parse_record({**sample, "txt": b"x"})
-
-
-def test_a_damaged_pax_header_is_refused(tmp_path):
-    path = tmp_path / "pax.tar"
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
-        add(t, "é.json", b"{}")
-    raw = bytearray(path.read_bytes())
-    start = raw.index(b"path=") - 3  # the record's length, e.g. "15 path=..."
-    raw[start:start + 2] = b"00"
-    bad = tmp_path / "badpax.tar"
-    bad.write_bytes(bytes(raw))
-    with pytest.raises(PipelineError, match=r"badpax.tar: damaged PAX header at byte 0$"):
-        own_samples(bad)
