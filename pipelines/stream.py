@@ -4,9 +4,8 @@ Training (:func:`train_loader`) runs a ``wds.DataPipeline`` (:func:`train_pipeli
 DataLoader workers::
 
     shard list (shuffled per epoch; or resampled) -> split by node -> split by DataLoader worker
-    -> tar members (read here: :func:`shard_samples`) -> shuffle buffer (seeded per epoch, rank and
-    worker) -> JSON decode of the ``json`` member (nothing else: no pickle) -> record -> [drop
-    records with missing ids, if allowed] -> batch: tokenize, pad
+    -> tar members -> shuffle buffer (seeded per epoch, rank and worker) -> JSON decode (nothing
+    else: no pickle) -> record -> [drop records with missing ids, if allowed] -> batch: tokenize, pad
 
 and attaches each vector modality's cache values by id in the loading process, one copy from the
 cache's memory map into the batch (why there and not in the workers: :mod:`pipelines.batch`).
@@ -45,14 +44,11 @@ key                type                         what
 ================== ============================ ==============================================
 """
 
-import gzip
 import json
 import logging
 import random
-import re
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import webdataset as wds
 from webdataset.utils import make_seed, pytorch_worker_info
@@ -133,155 +129,25 @@ def rank_info():
     return rank, world_size
 
 
-# ---- reading shards ------------------------------------------------------------------------------
-# The stream reads its shards itself rather than through ``wds.tarfile_to_samples``: ``tarfile``
-# builds a TarInfo per member (~20 us a record on the dev VM: most of a worker's time, and the
-# stream's limit on 2 cores); here a header is a few slices (~3 us), and the headers' checksums are
-# checked together with numpy before any member of the shard is used.
+# ---- stages -------------------------------------------------------------------------------------
 
-_BLOCK = 512
-_REGULAR = (ord("0"), 0, ord("7"))  # tar type flags of a regular file (as tarfile's isreg)
-_META = re.compile(r"__[^/]*__($|/)")  # what webdataset skips: __name__ files and folders
-
-
-def read_shard(url: str) -> bytes:
-    """A whole shard (QA shards are ~1 MB): a path, or any URL ``wds.gopen`` opens (``pipe:...``)."""
-    stream = wds.gopen(url, "rb")
-    try:
-        data = stream.read()
-    finally:
-        stream.close()
-    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-
-
-def _octal(field: bytes, url: str, offset: int) -> int:
-    try:
-        return int(field.rstrip(b"\0 ").lstrip() or b"0", 8)
-    except ValueError:
-        raise PipelineError(f"{url}: not a tar archive, or damaged at byte {offset}") from None
-
-
-def _pax(data: bytes) -> dict:
-    """A PAX extended header's records (``"LEN key=value\\n"``), values as bytes."""
-    out, pos = {}, 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.index(b" ", pos)
-        end = pos + int(data[pos:space])
-        key, _, value = data[space + 1:end - 1].partition(b"=")
-        out[key.decode()] = value
-        pos = end
-    return out
-
-
-def tar_members(data: bytes, url: str) -> list:
-    """``(name, payload)`` of every regular file of an uncompressed tar archive, in order.
-
-    Reads ustar, GNU long names and PAX ``path``/``size``; skips directories, links and other
-    entries. Raises :class:`PipelineError` on a damaged archive (bad checksum, truncated member).
-    """
-    members, headers, off, end = [], [], 0, len(data)
-    name = size = None  # from a GNU long name or PAX header, for the next member
-    while off + _BLOCK <= end:
-        h = data[off:off + _BLOCK]
-        if h[0] == 0 and h.count(0) == _BLOCK:
-            break  # end of archive
-        headers.append(off)
-        start = off + _BLOCK
-        length = size if size is not None else _octal(h[124:136], url, off)
-        off = start + -(-length // _BLOCK) * _BLOCK
-        if off > end:
-            raise PipelineError(f"{url}: truncated (a member at byte {start - _BLOCK} runs past the end)")
-        kind = h[156]
-        if kind == ord("L"):  # GNU: the next member's long name
-            name = data[start:start + length].rstrip(b"\0")
-            continue
-        if kind == ord("x"):  # PAX: the next member's attributes
-            pax = _pax(data[start:start + length])
-            name, size = pax.get("path", name), int(pax["size"]) if "size" in pax else size
-            continue
-        if kind == ord("S"):
-            raise PipelineError(f"{url}: member at byte {start - _BLOCK} is a GNU sparse file (unsupported)")
-        if kind in _REGULAR:
-            if name is None:  # ustar: prefix/name (as tarfile reads it)
-                name = h[:100].split(b"\0", 1)[0]
-                if h[345]:
-                    name = h[345:500].split(b"\0", 1)[0] + b"/" + name
-            members.append((name.decode("utf-8", "surrogateescape"), data[start:start + length]))
-        name = size = None  # directories, links, global headers...: skipped
-    if headers:  # every header's checksum: the sum of its bytes, the checksum field counted as spaces
-        blocks = np.frombuffer(data, np.uint8, count=end // _BLOCK * _BLOCK).reshape(-1, _BLOCK)
-        blocks = blocks[np.asarray(headers) // _BLOCK]  # (H, 512)
-        sums = blocks.sum(1, dtype=np.int64) - blocks[:, 148:156].sum(1, dtype=np.int64) + 8 * 32
-        signed = sums - 256 * (blocks >= 128).sum(1)  # some writers sum signed bytes (tarfile accepts both)
-        stored = np.array([_octal(data[o + 148:o + 156], url, o) for o in headers])
-        bad = np.flatnonzero((sums != stored) & (signed != stored))
-        if bad.size:
-            raise PipelineError(f"{url}: not a tar archive, or damaged (header checksum at byte "
-                                f"{headers[bad[0]]})")
-    return members
-
-
-def shard_samples(data: bytes, url: str):
-    """Samples of a shard as ``wds.tarfile_to_samples`` makes them: the members sharing a key
-    (the name up to the first dot of its last part) -> ``{"__key__", "__url__", ext: bytes}``."""
-    sample = None
-    for name, payload in tar_members(data, url):
-        base = name.rfind("/") + 1
-        dot = name.find(".", base)
-        if dot <= base or (name.startswith("__") and _META.match(name)):
-            continue  # no extension, or webdataset metadata: not part of a sample
-        key, ext = name[:dot], name[dot + 1:].lower()
-        if sample is None or sample["__key__"] != key:
-            if sample is not None:
-                yield sample
-            sample = {"__key__": key, "__url__": url}
-        elif ext in sample:
-            raise PipelineError(f"{url}: {name} appears twice")
-        sample[ext] = payload
-    if sample is not None:
-        yield sample
-
-
-def tar_samples(src):
-    """Stage: shards (``{"url": ...}``, as the shard lists yield them) -> their samples."""
-    for shard in src:
-        yield from shard_samples(read_shard(shard["url"]), shard["url"])
-
-
-# ---- records ------------------------------------------------------------------------------------
-
-_JSON = json.JSONDecoder()
+def decode_json(key: str, data: bytes):
+    """The one decoder handler of the stream: JSON members only (never pickle or torch.load)."""
+    if key.lower().endswith(".json"):
+        return json.loads(data)
+    return None
 
 
 def parse_record(sample: dict) -> dict:
-    """A tar sample -> the QA record of its ``json`` member (the only member decoded: never pickle
-    or torch.load), checked for the fields the stream needs."""
-    data = sample.get("json")
+    """A decoded tar sample -> the QA record dict, checked for the fields the stream needs."""
+    rec = sample.get("json")
     where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
-    if data is None:
-        raise PipelineError(f"{where}: no JSON record")
-    try:
-        text = data.decode("utf-8")
-        try:
-            rec, end = _JSON.raw_decode(text)  # json.loads less its per-call checks: twice as fast
-        except ValueError:
-            end = -1
-        if end != len(text):  # whitespace around it, or not JSON: json.loads decides, and says where
-            rec = json.loads(text)
-    except ValueError as e:  # UnicodeDecodeError, JSONDecodeError
-        raise PipelineError(f"{where}: the json member is not JSON ({e})") from None
     if not isinstance(rec, dict):
         raise PipelineError(f"{where}: no JSON record")
     for name in RECORD_FIELDS:
         if name not in rec:
             raise PipelineError(f"{where}: record has no {name}")
     return rec
-
-
-def parse_records(src):
-    """Stage: tar samples -> QA records (:func:`parse_record`)."""
-    for sample in src:
-        yield parse_record(sample)
 
 
 class Shuffle:
@@ -321,7 +187,12 @@ def make_collate(config: "StreamConfig") -> Collate:
 def read_records(shards) -> list:
     """Every record of the shards, in shard order, in this process (eval sets, pre-flight checks)."""
     shards = wds.shardlists.expand_urls(shards) if isinstance(shards, str) else [str(s) for s in shards]
-    pipe = wds.DataPipeline(wds.SimpleShardList(shards), tar_samples, parse_records)
+    pipe = wds.DataPipeline(
+        wds.SimpleShardList(shards),
+        wds.tarfile_to_samples(),
+        wds.decode(decode_json, only=["json"], post=[]),
+        wds.map(parse_record),
+    )
     return list(pipe)
 
 
@@ -358,9 +229,10 @@ def train_pipeline(config: StreamConfig, epoch: int = 0) -> wds.DataPipeline:
                   wds.split_by_node, wds.split_by_worker]
     return wds.DataPipeline(
         *source,
-        tar_samples,  # tar members -> {"__key__", "__url__", "json": bytes}
+        wds.tarfile_to_samples(),  # tar members -> {"__key__", "__url__", "json": bytes}
         Shuffle(config.shuffle_buffer, config.seed, epoch),
-        parse_records,  # the JSON member only: no pickle, no torch.load
+        wds.decode(decode_json, only=["json"], post=[]),  # JSON only: no pickle, no torch.load
+        wds.map(parse_record),
         DropMissing(readers, config.id_fields) if config.allow_missing else None,  # None: no stage
         wds.batched(config.batch_size, collation_fn=make_collate(config), partial=True),
     )
