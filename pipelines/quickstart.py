@@ -1,7 +1,7 @@
 """``fuse-quickstart``: the main job end to end on the built-in synthetic shapes data, on a CPU.
 
 shapes images + questions (VQA v2 layout) -> ``embed`` (the shipped demo ViT) -> LMDB cache ->
-QA shards -> ``fuse-train --preset demo`` twice (image fused at layer 0; question only) -> a table.
+QA shards -> ``fuse-train --preset demo`` twice (image fused late; question only) -> a table.
 Every stage skips what an earlier run of the same command finished, so a killed quickstart resumes.
 """
 
@@ -48,7 +48,8 @@ def run_quickstart(out: Path, images: int, steps: int, question_only_steps: int,
     echo(f"3/4 shards: {qa} ({timings['shards']:.0f} s)")
 
     results = {}
-    for name, fuse, n in (("fused", "0:question 0:image", steps), ("question_only", "0:question", question_only_steps)):
+    fused = TrainConfig.resolve("demo").fuse
+    for name, fuse, n in (("fused", fused, steps), ("question_only", "0:question", question_only_steps)):
         run = out / "runs" / name
         t = time.perf_counter()
         if (run / "results.json").is_file():
@@ -66,7 +67,7 @@ def run_quickstart(out: Path, images: int, steps: int, question_only_steps: int,
 
 def table(out: Path, results: dict) -> str:
     rows = [("model", "VQA acc", "exact", "yes/no", "number", "other", "steps/s", "run")]
-    for name, label in (("fused", "image fused at layer 0"), ("question_only", "question only")):
+    for name, label in (("fused", f"fused ({results['fused']['config']['fuse']})"), ("question_only", "question only")):
         r = results[name]
         last = r["last"]
         kinds = last["by_answer_type"]
@@ -86,12 +87,16 @@ def table(out: Path, results: dict) -> str:
 
 @click.command(context_settings={"show_default": True})
 @click.option("--out", type=click.Path(file_okay=False), default="quickstart", help="Working folder.")
-@click.option("--images", type=int, default=2000, help="Synthetic images (5 questions each).")
+@click.option("--images", type=int, default=6000, help="Synthetic images (5 questions each).")
 @click.option("--steps", type=int, default=TrainConfig.resolve("demo").steps, help="Training steps of the fused model.")
-@click.option("--question-only-steps", type=int, default=None, help="Steps of the question-only model [default: --steps].")
+@click.option("--question-only-steps", type=int, default=500,
+              help="Steps of the question-only model (it learns the answer priors in a few hundred).")
 @click.option("--seed", type=int, default=0)
 def main(out, images, steps, question_only_steps, seed):
     """Run the main job end to end on the built-in shapes data and print accuracy with and without the image.
+
+    Stages: `vqa-data shapes`, `embed` (the shipped demo ViT), `vqa-data shards`, then `fuse-train
+    --preset demo` with the image and on the question alone. Rerunning skips finished stages.
 
     Example:
 
@@ -107,7 +112,7 @@ def main(out, images, steps, question_only_steps, seed):
     from .errors import PipelineError
 
     try:
-        done = run_quickstart(out, images, steps, question_only_steps or steps, seed, click.echo)
+        done = run_quickstart(out, images, steps, question_only_steps, seed, click.echo)
     except (PipelineError, StoreError, EmbedError, FusionConfigError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
     click.echo("")

@@ -210,6 +210,9 @@ def train(cfg: TrainConfig) -> dict:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     main = accelerator.is_main_process
+    if accelerator.device.type == "cpu":
+        per_process = max(1, (os.cpu_count() or 1) // accelerator.num_processes - cfg.num_workers)
+        torch.set_num_threads(cfg.threads or per_process)
     out = Path(cfg.out)
     ckpt_last, ckpt_best = out / "checkpoints" / "last", out / "checkpoints" / "best"
     if cfg.resume and not (ckpt_last / "trainer_state.json").is_file():

@@ -52,6 +52,7 @@ def format_results(results: dict) -> str:
 @click.option("--seed", type=int)
 @click.option("--mixed-precision", type=click.Choice(PRECISIONS))
 @click.option("--num-workers", type=int, help="DataLoader workers of the stream.")
+@click.option("--threads", type=int, help="torch CPU threads [default: CPUs per process left after the workers].")
 @click.option("--image-source", type=click.Choice(IMAGE_SOURCES),
               help="cache: read the embeddings; online: run the ViT on the images every step.")
 @click.option("--allow-missing", is_flag=True, default=None, help="Drop questions whose image the cache lacks.")
