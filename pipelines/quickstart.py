@@ -87,7 +87,7 @@ def table(out: Path, results: dict) -> str:
 
 @click.command(context_settings={"show_default": True})
 @click.option("--out", type=click.Path(file_okay=False), default="quickstart", help="Working folder.")
-@click.option("--images", type=int, default=6000, help="Synthetic images (5 questions each).")
+@click.option("--images", type=int, default=15000, help="Synthetic images (5 questions each).")
 @click.option("--steps", type=int, default=TrainConfig.resolve("demo").steps, help="Training steps of the fused model.")
 @click.option("--question-only-steps", type=int, default=500,
               help="Steps of the question-only model (it learns the answer priors in a few hundred).")
