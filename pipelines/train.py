@@ -324,7 +324,7 @@ def train(cfg: TrainConfig) -> dict:
                 for kind, m in metrics["by_answer_type"].items():
                     writer.add_scalar(f"eval/accuracy_{kind}", m["accuracy"], step)
                 bar.write(f"step {step}: VQA accuracy {100 * metrics['accuracy']:.2f}% "
-                          f"(exact match {100 * metrics['exact_match']:.2f}%)")
+                          f"(exact match {100 * metrics['exact_match']:.2f}%)", file=sys.stderr)  # stdout: --json
                 unwrapped = accelerator.unwrap_model(model)
                 if improved:
                     save_checkpoint(ckpt_best, unwrapped, state={"step": step, "metrics": metrics}, run=run)
