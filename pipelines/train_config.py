@@ -158,17 +158,18 @@ def read_config_file(path) -> dict:
         text = path.read_text()
     except OSError as e:
         raise ValueError(f"--config {path}: cannot read it ({e.strerror})") from None
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
 
+        try:
             data = yaml.safe_load(text)
-        else:
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {path}: not valid YAML ({e})") from None
+    else:
+        try:
             data = json.loads(text)
-    except ValueError as e:  # json.JSONDecodeError and yaml.YAMLError (a ValueError subclass? no)
-        raise ValueError(f"--config {path}: not valid {path.suffix.lstrip('.').upper() or 'JSON'} ({e})") from None
-    except Exception as e:  # yaml.YAMLError
-        raise ValueError(f"--config {path}: not valid YAML ({e})") from None
+        except ValueError as e:
+            raise ValueError(f"--config {path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
     return data

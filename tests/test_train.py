@@ -197,3 +197,15 @@ def test_two_process_accelerate_launch(data, tmp_path):
     n_eval = sum(1 for _ in __import__("pipelines.stream", fromlist=["read_records"]).read_records(
         __import__("pipelines.shards", fromlist=["shard_paths"]).shard_paths(data / "qa", "eval")))
     assert results["last"]["count"] == n_eval  # every eval question scored once across both processes
+
+
+def test_config_file_errors_and_flags_override_it(tmp_path):
+    (tmp_path / "bad.json").write_text('{"steps": 3,}')
+    r = CliRunner().invoke(train_main, ["--config", str(tmp_path / "bad.json"), "--shards", str(tmp_path)])
+    assert r.exit_code == 1 and r.output.startswith(f"Error: --config {tmp_path / 'bad.json'}: not valid JSON (")
+    (tmp_path / "bad.yaml").write_text("steps: [1\n")
+    r = CliRunner().invoke(train_main, ["--config", str(tmp_path / "bad.yaml"), "--shards", str(tmp_path)])
+    assert r.exit_code == 1 and r.output.startswith(f"Error: --config {tmp_path / 'bad.yaml'}: not valid YAML (")
+    (tmp_path / "ok.yaml").write_text("steps: 7\nlr: 0.5\n")
+    cfg = TrainConfig.resolve("demo", str(tmp_path / "ok.yaml"), lr=0.25)
+    assert (cfg.steps, cfg.lr, cfg.fuse) == (7, 0.25, "0:question 4:image")
