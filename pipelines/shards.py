@@ -1,7 +1,13 @@
 """QA records as WebDataset tar shards.
 
-One sample per question: ``__key__`` = the question id, ``json`` = the record
-(:meth:`QARecord.to_dict <pipelines.vqa.QARecord.to_dict>`). Shards are written through
+One sample per image: ``__key__`` = the sample's number in its shard side, ``json`` = the list of
+that image's records (:meth:`QARecord.to_dict <pipelines.vqa.QARecord.to_dict>`), in dataset order;
+the stream unlists them and shuffles records, not images. Why not one sample per question: webdataset
+reads a tar member and decodes its JSON at a fixed cost per sample (~30 us on the 2-core dev VM,
+more than the record's tokenizing and batching), and a VQA image has about 5 questions. Packing
+is a storage detail: a run of records with one image id becomes one sample, cut where a shard ends
+(so the record counts of ``shard_size`` hold), and records of an image that are not consecutive
+simply make more samples. Shards are written through
 :class:`store.AtomicShardWriter` (``NAME.tmp``, renamed when complete), so a shard appears under its
 name only once whole. A shard folder holds ``train-000000.tar ...``, ``eval-000000.tar ...`` and,
 written last, ``manifest.json`` (how the shards were made, and the shard names and counts): a folder
@@ -24,6 +30,7 @@ from .vqa import QARecord, read_vqa
 MANIFEST = "manifest.json"
 WORD_TOKENIZER = "tokenizer"
 MANIFEST_FORMAT = "where-to-fuse/qa-shards"
+MANIFEST_VERSION = 2  # 1: one sample per question (read no more: rebuild with `vqa-data shards`)
 SIDES = ("train", "eval")
 
 
@@ -32,7 +39,8 @@ def record_dict(record) -> dict:
 
 
 def write_shards(records, pattern, shard_size: int = 1000, min_shards: int = 1) -> list:
-    """Write records to shards named by ``pattern`` (e.g. ``out/train-%06d.tar``).
+    """Write records to shards named by ``pattern`` (e.g. ``out/train-%06d.tar``), one sample per run
+    of records with the same image id (see the module docstring).
 
     Args:
         records: :class:`QARecord` s or record dicts.
@@ -51,10 +59,27 @@ def write_shards(records, pattern, shard_size: int = 1000, min_shards: int = 1) 
         raise ValueError(f"--shard-size {shard_size}: must be at least 1")
     per_shard = max(1, min(shard_size, math.ceil(len(records) / max(min_shards, 1))))
     Path(str(pattern) % 0).parent.mkdir(parents=True, exist_ok=True)
-    with AtomicShardWriter(str(pattern), maxcount=per_shard) as sink:  # mtime 0: no PAX header per member
-        for r in records:
+    # mtime 0: no PAX header per member; maxcount: never, shards are cut here by records
+    with AtomicShardWriter(str(pattern), maxcount=len(records) + 1) as sink:
+        group, in_shard, samples = [], 0, 0
+
+        def write_group():
+            nonlocal group, in_shard, samples
+            sink.write({"__key__": f"{samples:09d}", "json": json.dumps(group).encode("utf-8")})
+            in_shard, samples, group = in_shard + len(group), samples + 1, []
+
+        for i, r in enumerate(records):
             d = record_dict(r)
-            sink.write({"__key__": str(d["question_id"]), "json": json.dumps(d).encode("utf-8")})
+            if group and d.get("image_id") != group[0].get("image_id"):
+                write_group()
+            group.append(d)
+            if in_shard + len(group) == per_shard:
+                write_group()
+                if i + 1 < len(records):  # the full shard is renamed into place now
+                    sink.next_shard()
+                    in_shard = 0
+        if group:
+            write_group()
     return list(sink.shards)
 
 
@@ -85,7 +110,7 @@ def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_f
     train, evals = split_records(records, by=split_by, eval_fraction=eval_fraction, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {
-        "format": MANIFEST_FORMAT, "version": 1,
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": str(Path(vqa_dir).resolve()), "splits": sorted({r.split for r in records}),
         "split_by": split_by, "seed": seed, "eval_fraction": eval_fraction, "shard_size": shard_size,
@@ -115,6 +140,9 @@ def read_manifest(out) -> dict:
         raise PipelineError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise PipelineError(f"{path}: not a {MANIFEST_FORMAT} manifest")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise PipelineError(f"{path}: shards of format version {manifest.get('version')}, this version reads "
+                            f"{MANIFEST_VERSION}: write them again with `vqa-data shards`")
     return manifest
 
 

@@ -4,8 +4,9 @@ Training (:func:`train_loader`) runs a ``wds.DataPipeline`` (:func:`train_pipeli
 DataLoader workers::
 
     shard list (shuffled per epoch; or resampled) -> split by node -> split by DataLoader worker
-    -> tar members -> shuffle buffer (seeded per epoch, rank and worker) -> JSON decode (nothing
-    else: no pickle) -> record -> [drop records with missing ids, if allowed] -> batch: tokenize, pad
+    -> tar members (one per image) -> JSON decode (nothing else: no pickle) -> the image's records
+    -> unlisted -> shuffle buffer of records (seeded per epoch, rank and worker) -> [drop records
+    with missing ids, if allowed] -> batch: tokenize, pad
 
 and attaches each vector modality's cache values by id in the loading process, one copy from the
 cache's memory map into the batch (why there and not in the workers: :mod:`pipelines.batch`).
@@ -51,6 +52,7 @@ from dataclasses import dataclass, field
 
 import torch
 import webdataset as wds
+from webdataset.filters import unlisted
 from webdataset.utils import make_seed, pytorch_worker_info
 
 from store import CacheReader
@@ -138,16 +140,23 @@ def decode_json(key: str, data: bytes):
     return None
 
 
-def parse_record(sample: dict) -> dict:
-    """A decoded tar sample -> the QA record dict, checked for the fields the stream needs."""
-    rec = sample.get("json")
+def parse_records(sample: dict) -> list:
+    """A decoded tar sample -> its QA record dicts (one image's questions: :mod:`pipelines.shards`),
+    each checked for the fields the stream needs."""
+    recs = sample.get("json")
     where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
-    if not isinstance(rec, dict):
-        raise PipelineError(f"{where}: no JSON record")
-    for name in RECORD_FIELDS:
-        if name not in rec:
-            raise PipelineError(f"{where}: record has no {name}")
-    return rec
+    if isinstance(recs, dict):
+        raise PipelineError(f"{where}: one record, not a list (shards of format version 1): "
+                            "write them again with `vqa-data shards`")
+    if not isinstance(recs, list):
+        raise PipelineError(f"{where}: no JSON list of records")
+    for i, rec in enumerate(recs):
+        if not isinstance(rec, dict):
+            raise PipelineError(f"{where}: record {i} is not a JSON object")
+        for name in RECORD_FIELDS:
+            if name not in rec:
+                raise PipelineError(f"{where}: record {i} has no {name}")
+    return recs
 
 
 class Shuffle:
@@ -191,7 +200,8 @@ def read_records(shards) -> list:
         wds.SimpleShardList(shards),
         wds.tarfile_to_samples(),
         wds.decode(decode_json, only=["json"], post=[]),
-        wds.map(parse_record),
+        wds.map(parse_records),
+        unlisted(),
     )
     return list(pipe)
 
@@ -230,9 +240,10 @@ def train_pipeline(config: StreamConfig, epoch: int = 0) -> wds.DataPipeline:
     return wds.DataPipeline(
         *source,
         wds.tarfile_to_samples(),  # tar members -> {"__key__", "__url__", "json": bytes}
-        Shuffle(config.shuffle_buffer, config.seed, epoch),
         wds.decode(decode_json, only=["json"], post=[]),  # JSON only: no pickle, no torch.load
-        wds.map(parse_record),
+        wds.map(parse_records),  # one image's records
+        unlisted(),  # -> records
+        Shuffle(config.shuffle_buffer, config.seed, epoch),
         DropMissing(readers, config.id_fields) if config.allow_missing else None,  # None: no stage
         wds.batched(config.batch_size, collation_fn=make_collate(config), partial=True),
     )

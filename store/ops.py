@@ -167,6 +167,10 @@ class AtomicShardWriter:
     def write(self, sample: dict) -> None:
         self._writer.write(sample)
 
+    def next_shard(self) -> None:
+        """Close the current shard (renamed into place) and write the next samples to a new one."""
+        self._writer.next_stream()
+
     def close(self) -> None:
         self._writer.close()
 

@@ -32,16 +32,39 @@ class Poison:
         raise RuntimeError("disk on fire")
 
 
-def test_shards_hold_one_json_record_per_question(tmp_path):
+def test_shards_hold_one_json_list_per_image(tmp_path):
     paths = write_shards(records(25), tmp_path / "s-%06d.tar", shard_size=10)
     assert [os.path.basename(p) for p in paths] == ["s-000000.tar", "s-000001.tar", "s-000002.tar"]
     with tarfile.open(paths[0]) as t:
-        names = t.getnames()
-        assert names[:2] == ["0.json", "1.json"] and len(names) == 10
-        assert json.loads(t.extractfile("3.json").read())["question"] == "q3?"
+        assert t.getnames() == ["000000000.json", "000000001.json"]  # images 0 and 1, 5 questions each
+        group = json.loads(t.extractfile("000000001.json").read())
+        assert [r["question_id"] for r in group] == [5, 6, 7, 8, 9] and group[0]["question"] == "q5?"
     assert [r["question_id"] for r in read_records(paths)] == list(range(25))
     # at least min_shards shards when there are enough records, for nodes x workers
     assert len(write_shards(records(16), tmp_path / "m-%06d.tar", shard_size=1000, min_shards=8)) == 8
+
+
+def test_an_image_is_cut_where_a_shard_is_full_and_scattered_records_still_stream(tmp_path):
+    recs = [{**r, "image_id": "7"} for r in records(12)]  # one image, 12 questions
+    recs += [{**r, "question_id": 100 + k, "image_id": "8" if k % 2 else "9"} for k, r in enumerate(records(4))]
+    paths = write_shards(recs, tmp_path / "s-%06d.tar", shard_size=5)
+    sizes = [[len(json.loads(t.extractfile(m).read())) for m in t.getmembers()]
+             for t in map(tarfile.open, paths)]
+    assert sizes == [[5], [5], [2, 1, 1, 1], [1]]  # at most 5 records a shard; ids 9, 8, 9, 8 alternate
+    assert [r["question_id"] for r in read_records(paths)] == [r["question_id"] for r in recs]
+
+
+def test_a_shard_of_the_older_format_is_named(tmp_path):
+    from store import AtomicShardWriter
+
+    with AtomicShardWriter(str(tmp_path / "old-%06d.tar")) as sink:
+        sink.write({"__key__": "1", "json": json.dumps(records(1)[0]).encode()})
+    with pytest.raises(PipelineError, match=r"old-000000.tar: sample 1: one record, not a list .*vqa-data shards"):
+        read_records([str(tmp_path / "old-000000.tar")])
+    with AtomicShardWriter(str(tmp_path / "bad-%06d.tar")) as sink:
+        sink.write({"__key__": "1", "json": json.dumps([{"question_id": 1}]).encode()})
+    with pytest.raises(PipelineError, match=r"bad-000000.tar: sample 1: record 0 has no image_id"):
+        read_records([str(tmp_path / "bad-000000.tar")])
 
 
 def test_an_exception_mid_write_leaves_only_whole_shards(tmp_path):
@@ -92,6 +115,10 @@ def test_qa_shards_split_and_manifest(shapes_dir, tmp_path):
         shard_paths(tmp_path / "qa", "eval")
     with pytest.raises(PipelineError, match="vqa-data shards` did not finish"):
         shard_paths(tmp_path, "train")
+    (tmp_path / "qa" / "manifest.json").write_text(json.dumps({**m, "version": 1}))
+    with pytest.raises(PipelineError, match=r"manifest.json: shards of format version 1, this version reads 2: "
+                                            "write them again with `vqa-data shards`"):
+        shard_paths(tmp_path / "qa", "train")
 
 
 # ---- the CLI ----------------------------------------------------------------------------------------

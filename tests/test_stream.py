@@ -201,7 +201,7 @@ def test_shards_are_decoded_as_json_only_never_unpickled(tmp_path):
     path = tmp_path / "evil-000000.tar"
     rec = make_records(1, 1)[0]
     with tarfile.open(path, "w") as t:
-        for name, payload in (("100.json", json_bytes(rec)), ("100.pyd", pickle.dumps(Boom())),
+        for name, payload in (("100.json", json_bytes([rec])), ("100.pyd", pickle.dumps(Boom())),
                               ("100.pickle", pickle.dumps(Boom()))):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
