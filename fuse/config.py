@@ -28,8 +28,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests: fast on 2 CPU cores; ByT5's 384-token vocabulary needs no tokenizer files.
     "tiny": dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=4, num_decoder_layers=2,
                  num_heads=4),
-    # The demo preset of fuse-train: trains on 2 CPU cores in minutes (ByT5 byte vocabulary).
-    "demo": dict(vocab_size=384, d_model=128, d_kv=32, d_ff=512, num_layers=4, num_decoder_layers=2,
+    # The demo preset of fuse-train: trains on 2 CPU cores in minutes. Four decoder blocks: with the
+    # image joined late, the decoder does all the image-question reasoning, and its blocks are cheap
+    # (2 answer tokens against ~12 question tokens in each encoder block).
+    "demo": dict(vocab_size=384, d_model=128, d_kv=32, d_ff=512, num_layers=4, num_decoder_layers=4,
                  num_heads=4),
     # The CPU benchmark: 12 encoder layers so every thesis fusion layer 0/3/6/9/12 exists.
     "cpu-bench": dict(vocab_size=384, d_model=256, d_kv=64, d_ff=1024, num_layers=12, num_decoder_layers=2,
@@ -42,7 +44,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Keys of a saved T5 config that describe the file, not the model; dropped when converting.
 _T5_FILE_KEYS = ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map")
-_FUSION_KEYS = ("fusion_spec", "pool", "modality_dims", "text_modalities", "modality_lengths")
+_FUSION_KEYS = ("fusion_spec", "pool", "modality_dims", "text_modalities", "modality_lengths",
+                "modality_positions")
 
 
 @strict
@@ -58,6 +61,9 @@ class FusionT5Config(T5Config):
         text_modalities: names of the token-id modalities. Default ``["text"]``.
         modality_lengths: optional ``{modality: N}`` input lengths of vector modalities, used to
             reject impossible pooling at construction and by FLOP counts.
+        modality_positions: vector modalities whose tokens get a learned position embedding (one
+            vector per token after pooling; their length must be in ``modality_lengths``). Default:
+            none: the design's adapter (projection, pooling, norm, modality embedding) alone.
     """
 
     model_type = "fusion_t5"
@@ -67,6 +73,7 @@ class FusionT5Config(T5Config):
     modality_dims: dict | None = None
     text_modalities: list | None = None
     modality_lengths: dict | None = None
+    modality_positions: list | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -78,6 +85,7 @@ class FusionT5Config(T5Config):
         self.text_modalities = [str(name) for name in self.text_modalities]
         self.modality_dims = {str(k): int(v) for k, v in (self.modality_dims or {}).items()}
         self.modality_lengths = {str(k): int(v) for k, v in (self.modality_lengths or {}).items()}
+        self.modality_positions = sorted(str(name) for name in (self.modality_positions or []))
         default = {0: self.text_modalities}
         spec = FusionSpec.coerce(self.fusion_spec if self.fusion_spec is not None else default)
         self.fusion_spec = spec.to_dict()
@@ -93,6 +101,13 @@ class FusionT5Config(T5Config):
         """``{modality: PoolSpec}`` for every vector modality (``none`` where not configured)."""
         pools = coerce_pools(self.pool)
         return {name: pools.get(name, PoolSpec()) for name in self.modality_dims}
+
+    def position_length(self, name: str) -> int | None:
+        """Tokens of vector modality ``name`` after pooling if it has position embeddings, else None."""
+        if name not in self.modality_positions:
+            return None
+        pool = self.pools()[name]
+        return pool.length if pool.length is not None else self.modality_lengths[name]
 
     def vector_modalities(self) -> list[str]:
         return list(self.modality_dims)
@@ -115,6 +130,12 @@ class FusionT5Config(T5Config):
         spec.validate(self.num_layers, self.text_modalities, self.modality_dims)
         pools = coerce_pools(self.pool)
         validate_pools(pools, self.modality_dims, self.modality_lengths)
+        for name in self.modality_positions:
+            if name not in self.modality_dims:
+                raise PoolSpecError(f"--positions {name}: not a vector modality (those: "
+                                    f"{', '.join(self.modality_dims) or 'none'})")
+            if name not in self.modality_lengths and self.pools()[name].length is None:
+                raise PoolSpecError(f"--positions {name}: needs the number of '{name}' tokens (modality_lengths)")
         for name, dim in self.modality_dims.items():
             if dim < 1:
                 raise PoolSpecError(f"--modality-dim {name}={dim}: a feature width must be >= 1")

@@ -84,7 +84,8 @@ class FusionT5Encoder(FusionInitMixin, T5Stack):
         self.adapters = nn.ModuleDict(
             {
                 name: ModalityAdapter(
-                    dim, config.d_model, pools[name], config.num_heads, config.layer_norm_epsilon
+                    dim, config.d_model, pools[name], config.num_heads, config.layer_norm_epsilon,
+                    positions=config.position_length(name), name=name,
                 )
                 for name, dim in config.modality_dims.items()
             }

@@ -83,6 +83,7 @@ class FusionT5ForConditionalGeneration(FusionInitMixin, T5ForConditionalGenerati
         modality_dims: Mapping[str, int] | None = None,
         text_modalities: list[str] | None = None,
         modality_lengths: Mapping[str, int] | None = None,
+        modality_positions: list[str] | None = None,
         decoder_layers: int | None = None,
         config_overrides: Mapping[str, Any] | None = None,
         **from_pretrained_kwargs: Any,
@@ -91,8 +92,8 @@ class FusionT5ForConditionalGeneration(FusionInitMixin, T5ForConditionalGenerati
 
         Args:
             name_or_path: e.g. ``"google-t5/t5-base"`` or a directory written by ``save_pretrained``.
-            fusion_spec, pool, modality_dims, text_modalities, modality_lengths: see
-                :class:`FusionT5Config`.
+            fusion_spec, pool, modality_dims, text_modalities, modality_lengths, modality_positions:
+                see :class:`FusionT5Config`.
             decoder_layers: keep the first N decoder blocks (1..all); ``None`` keeps all.
             config_overrides: other ``T5Config`` fields to change (e.g. ``dropout_rate``).
             **from_pretrained_kwargs: passed to ``from_pretrained`` (``dtype``, ``attn_implementation``, ...).
@@ -113,6 +114,7 @@ class FusionT5ForConditionalGeneration(FusionInitMixin, T5ForConditionalGenerati
             modality_dims=dict(modality_dims or {}),
             text_modalities=text_modalities,
             modality_lengths=dict(modality_lengths or {}),
+            modality_positions=list(modality_positions or []),
             num_decoder_layers=decoder_layers or total,
             **dict(config_overrides or {}),
         )

@@ -1,6 +1,8 @@
 """fuse.model: the fused T5 equals stock HF T5 where it must, is padding-invariant, trains, saves,
 loads, cuts its decoder and generates text. Tiny random configs only (no hub)."""
 
+import tempfile
+
 import pytest
 import torch
 from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
@@ -205,6 +207,43 @@ def test_missing_or_misshapen_modalities_raise_typed_errors():
         model(modalities={"question": text_batch([3]), "image": torch.randn(1, 6, 5)}, labels=labels_batch(1))
     with pytest.raises(FusionInputError, match="pooling to 8 tokens but 'image' has 6"):
         make_model(pool="image:mean:8").encode({"question": text_batch([3]), "image": image_batch(1)})
+
+
+# ---------------------------------------------------------------- position embeddings of vector tokens
+@pytest.mark.parametrize("pool, length", [(None, 6), ("image:attention:2", 2)])
+def test_position_embeddings_tell_apart_tokens_that_late_fusion_sees_as_a_bag(pool, length):
+    spec = f"0:question {NUM_LAYERS}:image"  # late: the decoder's cross-attention has no positions
+    same = image_batch(1)[:, :1].expand(1, 6, IMG_DIM)  # six identical tokens
+    bag = make_model(spec=spec, pool=pool, modality_lengths={"image": 6})
+    placed = make_model(spec=spec, pool=pool, modality_lengths={"image": 6}, modality_positions=["image"])
+    assert bag.encoder.adapters["image"].position_embedding is None
+    assert placed.encoder.adapters["image"].position_embedding.shape == (length, 32)
+    for model, distinct in ((bag, False), (placed, True)):  # attention pooling of equal tokens: equal
+        out = model.encode({"question": text_batch([3]), "image": same}).last_hidden_state[0, 3:]  # (P, D)
+        assert out.shape[0] == length
+        assert (not torch.allclose(out[0], out[1])) == distinct
+    # a stock T5 checkpoint loads; the new vectors are initialised and saved, and reload unchanged
+    model = placed
+    batch = {"question": text_batch([5, 2]), "image": image_batch(2)}
+    before = model(modalities=batch, labels=labels_batch(2)).logits
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        loaded = FusionT5ForConditionalGeneration.from_pretrained(tmp).eval()
+    assert loaded.config.modality_positions == ["image"]
+    torch.testing.assert_close(loaded(modalities=batch, labels=labels_batch(2)).logits, before, rtol=0, atol=0)
+
+
+def test_position_embeddings_need_a_vector_modality_of_known_length():
+    from fuse import PoolSpecError
+
+    with pytest.raises(PoolSpecError, match=r"--positions question: not a vector modality \(those: image\)"):
+        make_config(modality_positions=["question"], modality_lengths={"image": 6})
+    with pytest.raises(PoolSpecError, match="--positions image: needs the number of 'image' tokens"):
+        make_config(modality_positions=["image"])
+    make_config(modality_positions=["image"], pool="image:mean:2")  # pooled: the length is known
+    with pytest.raises(FusionInputError, match="7 'image' tokens, but position embeddings for 6"):
+        make_model(modality_positions=["image"], modality_lengths={"image": 6}).encode(
+            {"question": text_batch([3]), "image": image_batch(1, n=7)})
 
 
 # ---------------------------------------------------------------- save / load / pretrained / decoder depth
