@@ -53,7 +53,8 @@ def build_model(cfg: TrainConfig, dims: dict, lengths: dict, vocab_size: int) ->
     vocabulary, or a pretrained T5."""
     fusion = dict(fusion_spec=cfg.fuse, pool=cfg.pool or None, text_modalities=[TEXT],
                   modality_dims={k: v for k, v in dims.items() if k in cfg.fused_modalities()},
-                  modality_lengths={k: v for k, v in lengths.items() if k in cfg.fused_modalities()})
+                  modality_lengths={k: v for k, v in lengths.items() if k in cfg.fused_modalities()},
+                  modality_positions=cfg.position_modalities())
     if cfg.t5 in PRESETS:
         overrides = {} if cfg.decoder_layers is None else {"num_decoder_layers": cfg.decoder_layers}
         config = FusionT5Config.from_name(cfg.t5, dropout_rate=cfg.dropout, vocab_size=vocab_size, **fusion,

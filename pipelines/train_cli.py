@@ -38,6 +38,8 @@ def format_results(results: dict) -> str:
 @click.option("--tokenizer", help="byt5 (no files) or a Hugging Face tokenizer name or folder.")
 @click.option("--fuse", help='Fusion spec: "LAYER:MODALITY[,MODALITY] ...", e.g. "0:question 6:image".')
 @click.option("--pool", help='Pooling: "MODALITY:TYPE[:LENGTH] ...", e.g. "image:attention:14".')
+@click.option("--positions", metavar="MODALITY[,MODALITY]",
+              help='Vector modalities whose tokens get a learned position embedding, e.g. "image" ("": none).')
 @click.option("--decoder-layers", type=int, help="Keep the first N decoder blocks.")
 @click.option("--steps", type=int, help="Optimizer steps.")
 @click.option("--batch-size", type=int, help="Samples per process per micro-batch.")
@@ -48,7 +50,7 @@ def format_results(results: dict) -> str:
 @click.option("--warmup", type=float, help="Warm-up: a fraction of the steps (< 1) or a number of steps.")
 @click.option("--clip", type=float, help="Gradient norm clip (0: off).")
 @click.option("--eval-every", type=int, help="Evaluate every N steps (and at the end).")
-@click.option("--eval-limit", type=int, help="Score at most N eval questions each time.")
+@click.option("--eval-limit", type=int, help="Score at most N eval questions each time (0: all).")
 @click.option("--seed", type=int)
 @click.option("--mixed-precision", type=click.Choice(PRECISIONS))
 @click.option("--num-workers", type=int, help="DataLoader workers of the stream.")

@@ -209,7 +209,7 @@ def test_dry_run_and_report_errors(data, sweep, tmp_path):
 def test_the_cpu_grid_and_its_overrides():
     cfg = SweepConfig.resolve("cpu", out="x", shards="qa", caches={"image": "c"}, train={"steps": 20, "lr": None})
     assert (cfg.fuse_layers, cfg.decoder_layers, cfg.pools, cfg.repeats) == ((0, 2, 4), (1, 2), ("none",), 2)
-    assert cfg.train == {"preset": "demo", "steps": 20, "eval_every": 50}
+    assert cfg.train == {"preset": "demo", "steps": 20, "eval_every": 50, "lr": 1e-3}  # None: not given
     assert [p.name for p in cfg.points(2)][:3] == ["f0-d1-pool_none-r0", "f0-d1-pool_none-r1", "f0-d2-pool_none-r0"]
     assert GridPoint(3, 2, "attention:14", 1).name == "f3-d2-pool_attention14-r1"
 

@@ -105,9 +105,11 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(data, 
 
 
 def test_question_only_model_ignores_the_cache_values(data, tmp_path):
-    r = train(tiny(data, tmp_path / "q", fuse="0:question", steps=10, eval_every=10))
+    # a preset's --positions image does not apply to a model without the image
+    r = train(tiny(data, tmp_path / "q", fuse="0:question", positions="image", steps=10, eval_every=10))
     assert r["last"]["count"] > 0
-    assert json.loads((tmp_path / "q/checkpoints/last/config.json").read_text())["modality_dims"] == {}
+    config = json.loads((tmp_path / "q/checkpoints/last/config.json").read_text())
+    assert config["modality_dims"] == {} and config["modality_positions"] == []
 
 
 def test_online_image_source_gives_the_cache_values(data):
@@ -127,7 +129,7 @@ def test_online_training_runs(data, tmp_path):
 
 
 def test_fuse_eval_scores_a_checkpoint_and_answers_one_question(data, tmp_path):
-    train(tiny(data, tmp_path / "run", steps=60, eval_every=60, lr=1e-2))
+    train(tiny(data, tmp_path / "run", steps=60, eval_every=60, lr=1e-2, positions="image"))
     res = CliRunner().invoke(eval_main, [str(tmp_path / "run"), "--json"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.output)
@@ -144,6 +146,7 @@ def test_fuse_eval_scores_a_checkpoint_and_answers_one_question(data, tmp_path):
     from pipelines.tokens import decode_batch
 
     model, run, tokenizer, _ = load_checkpoint(tmp_path / "run")
+    assert model.encoder.adapters["image"].position_embedding.shape == (9, 32)  # reloaded with its positions
     ids, mask = tokenizer.encode_batch([question], max_length=128)
     with CacheReader(data / "cache") as r:
         image_tokens = torch.from_numpy(r["1"]).float()[None]
@@ -161,6 +164,8 @@ def test_cli_errors(data, tmp_path):
     assert (r.exit_code, r.output) == (1, "Error: --fuse 5:image: the encoder has 4 layers (0..4)\n")
     r = cli(*base, "--cache", f"image={data / 'cache'}", "--fuse", "0:question 1:audio")
     assert r.exit_code == 1 and r.output == "Error: --fuse 0:question 1:audio: modality 'audio' has no --cache audio=PATH\n"
+    r = cli(*base, "--cache", f"image={data / 'cache'}", "--positions", "question")
+    assert (r.exit_code, r.output) == (1, "Error: --positions question: not a vector modality of --fuse 0:question 0:image\n")
     # A cache that lacks most images.
     with CacheReader(data / "cache") as src, CacheWriter(tmp_path / "partial", shape=src.meta.shape,
                                                          producer=src.meta.producer) as w:
