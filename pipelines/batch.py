@@ -92,6 +92,7 @@ class Collate:
             "question": questions,
             "answers": [list(s["answers"]) for s in samples],
             "answer_type": [s["answer_type"] for s in samples],
+            "question_type": [s.get("question_type", "") for s in samples],
             "target": targets,
         }
 

@@ -97,9 +97,14 @@ def main(checkpoint, shards, caches, side, batch_size, limit, image, question, a
         click.echo(json.dumps(summary, indent=2))
         return
     click.echo(f"{ckpt}: {summary['count']} questions ({side} side)")
-    click.echo(f"{'answer type':<12}{'count':>8}{'VQA acc':>10}{'exact':>9}")
-    for kind, m in [("all", summary), *summary["by_answer_type"].items()]:
-        click.echo(f"{kind:<12}{m['count']:>8}{100 * m['accuracy']:>9.2f}%{100 * m['exact_match']:>8.2f}%")
+    rows = [("all", summary), *summary["by_answer_type"].items()]
+    if summary["by_question_type"]:
+        rows += [("", None), ("question type", None), *summary["by_question_type"].items()]
+    width = max(12, *(len(kind) + 2 for kind, _ in rows))
+    click.echo(f"{'answer type':<{width}}{'count':>8}{'VQA acc':>10}{'exact':>9}")
+    for kind, m in rows:
+        click.echo(f"{kind:<{width}}{m['count']:>8}{100 * m['accuracy']:>9.2f}%{100 * m['exact_match']:>8.2f}%"
+                   if m else kind)
 
 
 def score(model, run, tokenizer, shards, caches, side, batch_size, limit) -> dict:

@@ -122,42 +122,46 @@ def exact_match(pred: str, answers) -> float:
 
 
 class VQAScore:
-    """Accumulates VQA accuracy and exact match, overall and by answer type.
+    """Accumulates VQA accuracy and exact match, overall, by answer type and by question type (the
+    official evaluator's ``perAnswerType`` and ``perQuestionType``).
 
     Per-process sums can be combined across processes with :meth:`state` / :meth:`merge` (sum the
     state dicts, e.g. by all-reduce); means are taken only in :meth:`summary`.
 
     Example:
         >>> s = VQAScore()
-        >>> s.add("Two.", ["2"] * 10, "number")
-        >>> s.summary()["accuracy"]
+        >>> s.add("Two.", ["2"] * 10, "number", "how many")
+        1.0
+        >>> s.summary()["by_question_type"]["how many"]["accuracy"]
         1.0
     """
 
     def __init__(self):
-        self.totals = {}  # answer_type -> [count, accuracy sum, exact sum]
+        self.totals = {}  # (answer_type, question_type) -> [count, accuracy sum, exact sum]
 
-    def add(self, pred: str, answers, answer_type: str = "all") -> float:
+    def add(self, pred: str, answers, answer_type: str = "all", question_type: str = "") -> float:
         """Score one prediction; returns its VQA accuracy."""
         acc = vqa_accuracy(pred, answers)
-        t = self.totals.setdefault(answer_type, [0, 0.0, 0.0])
+        t = self.totals.setdefault((answer_type, question_type), [0, 0.0, 0.0])
         t[0] += 1
         t[1] += acc
         t[2] += exact_match(pred, answers)
         return acc
 
-    def add_batch(self, preds, answers, answer_types) -> None:
-        for p, a, t in zip(preds, answers, answer_types, strict=True):
-            self.add(p, a, t)
+    def add_batch(self, preds, answers, answer_types, question_types=None) -> None:
+        question_types = [""] * len(preds) if question_types is None else question_types
+        for p, a, t, q in zip(preds, answers, answer_types, question_types, strict=True):
+            self.add(p, a, t, q)
 
     def state(self) -> dict:
-        return {k: list(v) for k, v in self.totals.items()}
+        """Plain sums keyed ``"answer type\tquestion type"`` (JSON- and gather-friendly)."""
+        return {f"{a}\t{q}": list(v) for (a, q), v in self.totals.items()}
 
     def merge(self, other) -> "VQAScore":
         """Add another accumulator's (or state dict's) sums into this one."""
         state = other.state() if isinstance(other, VQAScore) else other
-        for k, (n, acc, em) in state.items():
-            t = self.totals.setdefault(k, [0, 0.0, 0.0])
+        for key, (n, acc, em) in state.items():
+            t = self.totals.setdefault(tuple(key.split("\t", 1)), [0, 0.0, 0.0])
             t[0] += n
             t[1] += acc
             t[2] += em
@@ -167,13 +171,23 @@ class VQAScore:
         return sum(t[0] for t in self.totals.values())
 
     def summary(self) -> dict:
-        """``{"accuracy", "exact_match", "count", "by_answer_type": {type: {same keys}}}``; fractions."""
-        def one(n, acc, em):
+        """``{"accuracy", "exact_match", "count", "by_answer_type": {type: {same keys}},
+        "by_question_type": {...}}``; fractions. Records without a question type are left out of
+        ``by_question_type`` (empty when none has one)."""
+        def one(sums):
+            n, acc, em = (sum(col) for col in zip(*sums)) if sums else (0, 0.0, 0.0)
             return {"accuracy": acc / n if n else 0.0, "exact_match": em / n if n else 0.0, "count": n}
 
-        n = len(self)
-        out = one(n, sum(t[1] for t in self.totals.values()), sum(t[2] for t in self.totals.values()))
-        out["by_answer_type"] = {k: one(*v) for k, v in sorted(self.totals.items())}
+        def by(index):
+            groups = {}
+            for key, sums in self.totals.items():
+                if key[index]:
+                    groups.setdefault(key[index], []).append(sums)
+            return {k: one(v) for k, v in sorted(groups.items())}
+
+        out = one(list(self.totals.values()))
+        out["by_answer_type"] = by(0)
+        out["by_question_type"] = by(1)
         return out
 
 

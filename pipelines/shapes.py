@@ -16,6 +16,10 @@ position   Is the red cross at the top, in the middle or  left/middle/right,
 relation   Is the white diamond left of the blue circle?  yes / no (balanced)
 ========== ============================================== ==========================
 
+Question types are VQA-style prefixes ("what color is the", "is there a", "how many", ...), with
+position ("is the ... at the" / "on the") and relation ("is the ... left of the" / "above the")
+questions told apart, so that accuracy by question type shows which skill a model lacks.
+
 The question alone says little: the answer given a question text is close to uniform over its
 template's answers, so a question-only majority baseline stays far below 60% (about 45% VQA
 accuracy held out, 52% in-sample, on 2,000 images; see ``tests/test_data_shapes.py``). Each
@@ -145,9 +149,9 @@ def _q_position(rng, objects):
     o = rng.choice(objects)
     if rng.random() < 0.5:
         return (f"Is the {_name(o)} on the left, in the middle or on the right?",
-                ("left", "middle", "right")[o["col"]], "other", "is the", ["left", "middle", "right"])
+                ("left", "middle", "right")[o["col"]], "other", "is the ... on the", ["left", "middle", "right"])
     return (f"Is the {_name(o)} at the top, in the middle or at the bottom?",
-            ("top", "middle", "bottom")[o["row"]], "other", "is the", ["top", "middle", "bottom"])
+            ("top", "middle", "bottom")[o["row"]], "other", "is the ... at the", ["top", "middle", "bottom"])
 
 
 def _q_relation(rng, objects):
@@ -158,9 +162,9 @@ def _q_relation(rng, objects):
     a, b, axis = rng.choice(pairs)  # ordered pairs: "yes" and "no" equally likely
     if axis == "col":
         return (f"Is the {_name(a)} left of the {_name(b)}?", "yes" if a["col"] < b["col"] else "no",
-                "yes/no", "is the", ["yes", "no"])
+                "yes/no", "is the ... left of the", ["yes", "no"])
     return (f"Is the {_name(a)} above the {_name(b)}?", "yes" if a["row"] < b["row"] else "no",
-            "yes/no", "is the", ["yes", "no"])
+            "yes/no", "is the ... above the", ["yes", "no"])
 
 
 TEMPLATES = {"color": _q_color, "shape": _q_shape, "presence": _q_presence, "count": _q_count,

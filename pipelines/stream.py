@@ -41,6 +41,7 @@ key                type                         what
 ``question``       list of B str
 ``answers``        list of B lists of 10 str    for :class:`pipelines.metric.VQAScore`
 ``answer_type``    list of B str
+``question_type``  list of B str                the official question type ("" if none)
 ``target``         list of B str                the most frequent answer (the labels' text)
 ================== ============================ ==============================================
 """

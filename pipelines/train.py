@@ -152,7 +152,7 @@ def evaluate(model, loader, tokenizer, modalities, accelerator, max_new_tokens: 
         with accelerator.autocast():
             ids = unwrapped.generate(modalities=model_inputs(batch, modalities, accelerator.device),
                                      max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
-        score.add_batch(decode_batch(tokenizer, ids), batch["answers"], batch["answer_type"])
+        score.add_batch(decode_batch(tokenizer, ids), batch["answers"], batch["answer_type"], batch["question_type"])
         if limit and len(score) >= limit:
             break
     unwrapped.train(was_training)

@@ -72,7 +72,8 @@ def test_questions_need_the_image(tmp_path):
     print(f"question-only baseline: {baseline:.3f} held out, {question_only_baseline(records):.3f} in-sample")
     assert baseline < 0.55, baseline
     types = Counter(r.question_type for r in records)
-    assert set(types) == {"what color is the", "what shape is the", "is there a", "how many", "is the"}
+    assert set(types) == {"what color is the", "what shape is the", "is there a", "how many", "is the ... at the",
+                          "is the ... on the", "is the ... left of the", "is the ... above the"}
     noisy = sum(len(set(r.answers)) > 1 for r in records) / len(records)
     assert 0.3 < noisy < 0.6
     # no single answer dominates any template

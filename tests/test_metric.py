@@ -1,5 +1,7 @@
 """The official VQA v2 metric: answer normalisation as in vqaEval.py, leave-one-out accuracy, by type."""
 
+import json
+
 import pytest
 
 from pipelines.metric import (
@@ -64,26 +66,29 @@ def test_punctuation_rule_keeps_the_official_quirks():
     assert process_punctuation("." * 40) == "." * 8  # the official count=32 cap
 
 
-def test_vqascore_by_answer_type_and_merge():
+def test_vqascore_by_answer_and_question_type_and_merge():
     s = VQAScore()
-    assert s.add("yes", ["yes"] * 10, "yes/no") == 1.0
-    s.add("no", ["yes"] * 9 + ["no"], "yes/no")  # 1 human: 0.3
-    s.add("Two", ["2"] * 10, "number")
-    s.add("blue", ["red"] * 10, "other")
+    assert s.add("yes", ["yes"] * 10, "yes/no", "is there a") == 1.0
+    s.add("no", ["yes"] * 9 + ["no"], "yes/no", "is the")  # 1 human: 0.3
+    s.add("Two", ["2"] * 10, "number", "how many")
+    s.add("blue", ["red"] * 10, "other")  # no question type: counted everywhere else
     out = s.summary()
     assert out["count"] == 4
     assert out["accuracy"] == pytest.approx((1 + 0.3 + 1 + 0) / 4)
     assert out["exact_match"] == pytest.approx(2 / 4)
     assert out["by_answer_type"]["yes/no"] == {"accuracy": pytest.approx(0.65), "exact_match": 0.5, "count": 2}
     assert out["by_answer_type"]["number"]["accuracy"] == 1.0
+    assert sorted(out["by_question_type"]) == ["how many", "is the", "is there a"]
+    assert out["by_question_type"]["is the"] == {"accuracy": pytest.approx(0.3), "exact_match": 0.0, "count": 1}
 
     # per-process sums combine exactly: two halves merged == the whole
     a, b = VQAScore(), VQAScore()
-    a.add("yes", ["yes"] * 10, "yes/no")
-    a.add("no", ["yes"] * 9 + ["no"], "yes/no")
-    b.add_batch(["Two", "blue"], [["2"] * 10, ["red"] * 10], ["number", "other"])
-    assert a.merge(b.state()).summary() == out
-    assert VQAScore().summary()["accuracy"] == 0.0
+    a.add("yes", ["yes"] * 10, "yes/no", "is there a")
+    a.add("no", ["yes"] * 9 + ["no"], "yes/no", "is the")
+    b.add_batch(["Two", "blue"], [["2"] * 10, ["red"] * 10], ["number", "other"], ["how many", ""])
+    assert a.merge(json.loads(json.dumps(b.state()))).summary() == out
+    assert VQAScore().summary() == {"accuracy": 0.0, "exact_match": 0.0, "count": 0, "by_answer_type": {},
+                                    "by_question_type": {}}
 
 
 def test_question_only_baseline_fits_the_best_answer_per_text():

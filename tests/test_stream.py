@@ -112,7 +112,8 @@ def test_batch_keys_dtypes_and_shapes(data):
     tmp_path, records, shards = data
     b = next(iter(train_loader(config(tmp_path, shards, shuffle_buffer=0))))
     assert set(b) == {"input_ids", "attention_mask", "labels", "vectors", "ids", "question_id", "image_id",
-                      "question", "answers", "answer_type", "target"}
+                      "question", "answers", "answer_type", "question_type", "target"}
+    assert b["question_type"] == [""] * len(b["question"])  # these records have none
     n = len(b["question"])
     assert n == 8
     assert b["input_ids"].dtype == b["attention_mask"].dtype == b["labels"].dtype == torch.int64

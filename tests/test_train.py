@@ -70,6 +70,8 @@ def test_short_run_learns_and_writes_every_artifact(data, tmp_path):
     assert list((run / "tb").glob("events.out.tfevents.*"))
     saved = json.loads((run / "results.json").read_text())
     assert saved["steps"] == 120 and saved["flops_per_step"] > 0 and saved["config"]["fuse"] == "0:question 0:image"
+    by_question = saved["last"]["by_question_type"]  # the shapes data's types, summing to the whole
+    assert {"how many", "is there a"} <= set(by_question) and sum(m["count"] for m in by_question.values()) == last["count"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     ea = EventAccumulator(str(run / "tb"))
