@@ -113,7 +113,7 @@ def target_answer(answers) -> str:
     answers = list(answers)
     if not answers:
         raise ValueError("no human answers")
-    return max(answers, key=answers.count)  # max keeps the first of equals; 3x faster than a Counter
+    return max(answers, key=answers.count)  # max keeps the first of equals; 1.2-2.8x faster than a Counter on 10
 
 
 def exact_match(pred: str, answers) -> float:
