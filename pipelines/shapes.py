@@ -108,19 +108,23 @@ def _name(o) -> str:
 # Each template: (rng, objects) -> (question, answer, answer_type, question_type, answer vocabulary)
 # or None when the scene does not allow it.
 
+def _one_with_unique(rng, objects, key):
+    """An object whose ``key`` (``color`` or ``shape``) no other object shares, or None."""
+    once = [o for o in objects if sum(p[key] == o[key] for p in objects) == 1]
+    return rng.choice(once) if once else None
+
+
 def _q_color(rng, objects):
-    once = [o for o in objects if sum(p["shape"] == o["shape"] for p in objects) == 1]
-    if not once:
+    o = _one_with_unique(rng, objects, "shape")
+    if o is None:
         return None
-    o = rng.choice(once)
     return f"What color is the {o['shape']}?", o["color"], "other", "what color is the", list(COLORS)
 
 
 def _q_shape(rng, objects):
-    once = [o for o in objects if sum(p["color"] == o["color"] for p in objects) == 1]
-    if not once:
+    o = _one_with_unique(rng, objects, "color")
+    if o is None:
         return None
-    o = rng.choice(once)
     return f"What shape is the {o['color']} object?", o["shape"], "other", "what shape is the", list(SHAPES)
 
 
