@@ -134,7 +134,7 @@ class FusionT5Config(T5Config):
             if name not in self.modality_dims:
                 raise PoolSpecError(f"--positions {name}: not a vector modality (those: "
                                     f"{', '.join(self.modality_dims) or 'none'})")
-            if name not in self.modality_lengths and self.pools()[name].length is None:
+            if name not in self.modality_lengths and pools.get(name, PoolSpec()).length is None:
                 raise PoolSpecError(f"--positions {name}: needs the number of '{name}' tokens (modality_lengths)")
         for name, dim in self.modality_dims.items():
             if dim < 1:
