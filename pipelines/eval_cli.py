@@ -65,7 +65,7 @@ def answer_one(model, run, tokenizer, image: str, question: str, max_new_tokens:
               help="Embedding caches (default: the ones the run trained with).")
 @click.option("--side", type=click.Choice(["eval", "train"]), default="eval", help="Which side of the shards.")
 @click.option("--batch-size", type=int, default=128)
-@click.option("--limit", type=int, help="Score at most N questions.")
+@click.option("--limit", type=click.IntRange(min=0), help="Score at most N questions (0: all).")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Answer one question about this image.")
 @click.option("--question", help="The question to answer about --image.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

@@ -111,6 +111,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+        if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 0):
+            raise ValueError(f"--eval-limit {self.eval_limit}: must be 0 (all) or a positive integer")
         if self.lr <= 0:
             raise ValueError(f"--lr {self.lr}: must be positive")
         if self.decoder_layers is not None and self.decoder_layers < 1:

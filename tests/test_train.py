@@ -132,6 +132,8 @@ def test_online_training_runs(data, tmp_path):
 
 def test_fuse_eval_scores_a_checkpoint_and_answers_one_question(data, tmp_path):
     train(tiny(data, tmp_path / "run", steps=60, eval_every=60, lr=1e-2, positions="image"))
+    res = CliRunner().invoke(eval_main, [str(tmp_path / "run"), "--limit", "-3"])
+    assert res.exit_code == 2 and "Invalid value for '--limit': -3 is not in the range x>=0." in res.output
     res = CliRunner().invoke(eval_main, [str(tmp_path / "run"), "--json"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.output)
@@ -166,6 +168,8 @@ def test_cli_errors(data, tmp_path):
     assert (r.exit_code, r.output) == (1, "Error: --fuse 5:image: the encoder has 4 layers (0..4)\n")
     r = cli(*base, "--cache", f"image={data / 'cache'}", "--fuse", "0:question 1:audio")
     assert r.exit_code == 1 and r.output == "Error: --fuse 0:question 1:audio: modality 'audio' has no --cache audio=PATH\n"
+    r = cli(*base, "--cache", f"image={data / 'cache'}", "--eval-limit", "-1")
+    assert (r.exit_code, r.output) == (1, "Error: --eval-limit -1: must be 0 (all) or a positive integer\n")
     r = cli(*base, "--cache", f"image={data / 'cache'}", "--positions", "question")
     assert (r.exit_code, r.output) == (1, "Error: --positions question: not a vector modality of --fuse 0:question 0:image\n")
     # A cache that lacks most images.
