@@ -116,12 +116,17 @@ def cli(images, out, model, pretrained, checkpoint, model_kwargs, img_size, laye
     except ValueError as e:
         raise click.UsageError(str(e)) from None
 
+    import torch
+
     from .run import embed  # torch and timm load only once the arguments are known to be good
 
     try:
         summary = embed(config)
     except (EmbedError, StoreError, OSError) as e:
         raise click.ClickException(str(e)) from None
+    finally:  # as accelerate's end_training: left to exit with it, a gloo process may abort in teardown
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if not _is_main_process():
         if strict and summary.failed:
             sys.exit(1)

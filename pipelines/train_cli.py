@@ -74,6 +74,8 @@ def main(caches, config_file, preset, as_json, **flags):
         accelerate launch --multi_gpu --num_processes 2 -m pipelines.train_cli --preset demo --shards runs/qa --cache image=runs/cache
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
     from .train import train
 
     if caches:
@@ -85,6 +87,9 @@ def main(caches, config_file, preset, as_json, **flags):
         results = train(cfg)
     except (PipelineError, StoreError, FusionConfigError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
+    finally:  # as accelerate's end_training: left to exit with it, a gloo process may abort in teardown
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if results.get("stopped"):
         click.echo(f"stopped at step {results['steps']} (--stop-at); continue with --resume", err=True)
     elif as_json:
