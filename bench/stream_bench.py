@@ -10,17 +10,32 @@ on the machine hits every row alike) of, and reports the best round of each:
 - the same with LMDB alone: ``txn.get`` (bytes: the copy) + ``np.frombuffer``, the reference of
   ``bench/store_bench.py``; the stream is compared with the faster of the two;
 - batch assembly only: the stream's copy of those values into (B, 196, 768) batches, one process;
-- the stream without cache values: shards, shuffle, JSON decode, tokenize, collate, 2 workers;
+  and the same with each batch kept alive while the next is made, as a training loop does;
+- the stream without cache values: shards, shuffle, JSON decode, tokenize, collate, in this process
+  (no workers) and in 2 workers;
 - the training stream: all of it, the values attached in the loading process (2 workers).
 
 Target: the training stream at >= 0.8 of the bare reads.
+
+Then two CPU budgets, in CPU time per record:
+
+- spent: the training stream's loading process and workers, read off their clocks from the first
+  batch on; the stream cannot outrun CPUs / that;
+- least possible: the parts measured alone, each on an otherwise idle machine: the values copied into
+  held batches + the stream without values in one process + a pickle round trip of its batches (the
+  least that handing a batch from one process to another costs). However the work is shared out
+  over processes, the stream needs at least that much CPU per record, so CPUs / that bounds every
+  multi-process design on this machine.
 
 Usage:
     python bench/stream_bench.py [--images 2000] [--questions 5] [--batch-size 64] [--workers 2]
 """
 
 import argparse
+import glob
+import json
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -52,15 +67,56 @@ def build(tmp, images, questions):
     return shards, len(records)
 
 
+class WorkerClock:
+    """Last stage of the workers' pipeline: each worker writes to ``folder`` the CPU seconds (all its
+    threads, the one that pickles batches included) and the records of its batches after its first."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __call__(self, src):
+        cpu, records = None, 0
+        for batch in src:
+            if cpu is None:
+                cpu = time.process_time()
+            else:
+                records += len(batch["image_id"])
+            yield batch
+        with open(os.path.join(self.folder, f"worker-{os.getpid()}.json"), "w") as f:
+            json.dump({"cpu": time.process_time() - cpu if cpu is not None else 0.0, "records": records}, f)
+
+
+def run_pickle(batches):
+    """Seconds to pickle and unpickle ``batches``: what handing them to another process costs, at
+    least (DataLoader workers pickle their batches; the loading process unpickles them)."""
+    t0 = time.perf_counter()
+    for batch in batches:
+        pickle.loads(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
+    return time.perf_counter() - t0
+
+
+def worker_cpu(folder):
+    """Seconds of worker CPU per record that the :class:`WorkerClock` files in ``folder`` add up to
+    (and removes the files)."""
+    cpu = records = 0
+    for path in glob.glob(os.path.join(folder, "worker-*.json")):
+        with open(path) as f:
+            clock = json.load(f)
+        cpu, records = cpu + clock["cpu"], records + clock["records"]
+        os.remove(path)
+    return cpu / records if records else float("nan")
+
+
 def run_stream(loader):
-    """``(ids in stream order, seconds from start, seconds from the first batch on, records)``."""
+    """``(ids in stream order, seconds from start, seconds from the first batch on, records after
+    the first batch, CPU seconds of this process from the first batch on)``."""
     ids, t0, t1, first = [], time.perf_counter(), None, 0
     for batch in loader:
         if t1 is None:
-            t1, first = time.perf_counter(), len(batch["image_id"])
+            t1, first, c1 = time.perf_counter(), len(batch["image_id"]), time.process_time()
         ids += batch["image_id"]
-    t2 = time.perf_counter()
-    return ids, t2 - t0, t2 - t1, len(ids) - first
+    t2, c2 = time.perf_counter(), time.process_time()
+    return ids, t2 - t0, t2 - t1, len(ids) - first, c2 - c1
 
 
 def run_bare(cache, ids):
@@ -89,11 +145,19 @@ def run_lmdb(cache, ids):
         env.close()
 
 
-def run_assembly(cache, ids, batch_size):
+def run_assembly(cache, ids, batch_size, hold=False):
+    """Seconds to copy the values of ``ids`` into batches; ``hold``: each batch stays alive until the
+    next one is made, as a training loop's batch does (``for batch in loader``), so that the copy
+    cannot reuse the memory, still in the CPU's cache, of the batch just dropped."""
     attach = AttachVectors({"image": CacheReader(cache)})
+    held = None
     t0 = time.perf_counter()
     for k in range(0, len(ids), batch_size):
-        attach.values("image", ids[k:k + batch_size])
+        if hold:
+            held = attach.values("image", ids[k:k + batch_size])  # the last batch lives on meanwhile
+        else:
+            attach.values("image", ids[k:k + batch_size])
+    del held
     return time.perf_counter() - t0
 
 
@@ -119,26 +183,56 @@ def main():
         assert len(ids) == n, (len(ids), n)
         names = ["bare cache reads, stream's ids (1 process)", "  same, LMDB txn.get + np.frombuffer",
                  f"batch assembly only (cache -> (B, {SHAPE[0]}, {SHAPE[1]}))",
+                 "  same, each batch held while the next is made",
+                 "stream without cache values (this process)",
                  f"stream without cache values ({args.workers} workers)",
                  f"training stream ({args.workers} workers, batch {args.batch_size})",
                  "  same, epoch time incl. starting workers"]
         rates = {name: [] for name in names}
+        cpu = []  # (loading process, workers) seconds per record, training stream
+        handover = []  # seconds per record to pickle and unpickle the batches
+        clocks = os.path.join(tmp, "clocks")
+        os.makedirs(clocks)
         for _ in range(args.repeats):
             rates[names[0]].append(n / run_bare(cache, ids))
             rates[names[1]].append(n / run_lmdb(cache, ids))
             rates[names[2]].append(n / run_assembly(cache, ids, args.batch_size))
-            _, _, t, k = run_stream(train_loader(config).loader)
-            rates[names[3]].append(k / t)
-            _, epoch, t, k = run_stream(train_loader(config))
-            rates[names[4]].append(k / t)
-            rates[names[5]].append(n / epoch)
+            rates[names[3]].append(n / run_assembly(cache, ids, args.batch_size, hold=True))
+            t0 = time.perf_counter()
+            batches = list(train_loader(config, num_workers=0).loader)
+            rates[names[4]].append(n / (time.perf_counter() - t0))
+            handover.append(run_pickle(batches) / n)
+            del batches
+            _, _, t, k, _ = run_stream(train_loader(config).loader)
+            rates[names[5]].append(k / t)
+            loader = train_loader(config)
+            loader.loader.dataset.append(WorkerClock(clocks))  # the pipeline the workers will run
+            _, epoch, t, k, main_cpu = run_stream(loader)
+            del loader  # its readers hold the cache's LMDB environment, which run_lmdb opens itself
+            rates[names[6]].append(k / t)
+            rates[names[7]].append(n / epoch)
+            cpu.append((main_cpu / k, worker_cpu(clocks)))
     bare = max(max(rates[names[0]]), max(rates[names[1]]))
     print(f"{'':52}{'samples/s':>10}{'MB/s':>8}{'x bare':>8}   all rounds")
     for name in names:
         rate = max(rates[name])
         print(f"{name:52}{rate:10,.0f}{rate * mb:8,.0f}{rate / bare:8.2f}   "
               + " ".join(f"{r:,.0f}" for r in rates[name]))
-    ratio = max(rates[names[4]]) / bare
+    cpus, us = os.cpu_count(), 1e6
+
+    def budget(what, parts):
+        total = sum(parts.values())
+        print(f"{what}: " + " + ".join(f"{k} {v * us:.1f}" for k, v in parts.items())
+              + f" = {total * us:.1f} us per record: at most {cpus / total:,.0f} samples/s on {cpus} CPUs "
+              f"({cpus / total / bare:.2f} x bare); 0.8 x bare ({0.8 * bare:,.0f}/s) needs "
+              f"{0.8 * bare * total:.1f} CPUs")
+
+    budget("CPU spent by the training stream (least of the rounds)",
+           {"loading process": min(c[0] for c in cpu), "workers": min(c[1] for c in cpu)})
+    budget("CPU the parts need alone", {"copy into held batches": 1 / max(rates[names[3]]),
+                                        "stream without values": 1 / max(rates[names[4]]),
+                                        "pickle round trip": min(handover)})
+    ratio = max(rates[names[6]]) / bare
     verdict = "met" if ratio >= 0.8 else "NOT met"
     print(f"training stream / bare reads = {ratio:.2f} (target >= 0.80: {verdict}); steady-state rates "
           f"exclude the first batch; load average now {os.getloadavg()[0]:.1f}")
