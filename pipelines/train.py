@@ -220,10 +220,14 @@ def train(cfg: TrainConfig) -> dict:
         raise PipelineError(f"--resume: {ckpt_last} holds no checkpoint to resume from")
     if not cfg.resume and (out / "results.json").exists() and not cfg.overwrite:
         raise PipelineError(f"{out} already holds a finished run: pass --resume, --overwrite or another --out")
+    if not cfg.resume and ckpt_last.exists() and not cfg.overwrite:
+        raise PipelineError(f"{out} holds the checkpoint of an unfinished run ({ckpt_last}): pass --resume to "
+                            "continue it, --overwrite to start again, or another --out")
     set_seed(cfg.seed)
 
     train_sc, eval_sc = stream_configs(cfg, accelerator.num_processes)
     check_stream(train_sc)  # caches match their expectations, every id is present: before any compute
+    evals = eval_loader(eval_sc, accelerator.process_index, accelerator.num_processes)  # checks the eval side too
     readers = open_caches(train_sc)
     shapes = {name: reader.meta.shape for name, reader in readers.items()}
     producers = {name: reader.meta.producer for name, reader in readers.items()}
@@ -232,10 +236,11 @@ def train(cfg: TrainConfig) -> dict:
     dims = {name: shape[-1] for name, shape in shapes.items()}
     lengths = {name: shape[0] for name, shape in shapes.items()}
     tokenizer = load_tokenizer(train_sc.tokenizer)
-    model = build_model(cfg, dims, lengths, tokenizer.vocab_size)
-    modalities = cfg.fused_modalities()
     if cfg.resume:
         model = FusionT5ForConditionalGeneration.from_pretrained(ckpt_last)
+    else:
+        model = build_model(cfg, dims, lengths, tokenizer.vocab_size)
+    modalities = cfg.fused_modalities()
     optimizer = make_optimizer(cfg, model)
     schedule = make_schedule(cfg, optimizer)
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "history": []}
@@ -279,9 +284,10 @@ def train(cfg: TrainConfig) -> dict:
         with accelerator.accumulate(model):
             loss = model(modalities=model_inputs(batch, modalities, accelerator.device),
                          labels=batch["labels"].to(accelerator.device)).loss
-            if not torch.isfinite(loss.detach()):
+            loss_value = loss.item()  # the step's one read-back from the device
+            if not math.isfinite(loss_value):
                 raise TrainingDiverged(
-                    f"the loss became {loss.item()} at step {state['step'] + 1}: stopping. The last good checkpoint "
+                    f"the loss became {loss_value} at step {state['step'] + 1}: stopping. The last good checkpoint "
                     f"is {ckpt_last if ckpt_last.exists() else '(none yet)'}; try a lower --lr or --clip")
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.clip:
@@ -293,7 +299,7 @@ def train(cfg: TrainConfig) -> dict:
         t_wait += t1 - t0
         t_train += t2 - t1
         samples += len(batch["answers"]) * accelerator.num_processes
-        window_loss += loss.item()
+        window_loss += loss_value
         window_n += 1
         state["epoch"], state["batch_in_epoch"] = epoch, index + 1
         if not accelerator.sync_gradients:
@@ -312,8 +318,7 @@ def train(cfg: TrainConfig) -> dict:
             bar.set_postfix(loss=f"{window_loss / window_n:.3f}", refresh=False)
             window_loss, window_n = 0.0, 0
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            metrics = evaluate(model, eval_loader(eval_sc, accelerator.process_index, accelerator.num_processes),
-                               tokenizer, modalities, accelerator, cfg.max_new_tokens, cfg.eval_limit)
+            metrics = evaluate(model, evals, tokenizer, modalities, accelerator, cfg.max_new_tokens, cfg.eval_limit)
             entry = {"step": step, **metrics}
             state["history"].append(entry)
             improved = state["best"] is None or metrics["accuracy"] > state["best"]["accuracy"]

@@ -17,6 +17,7 @@ from embed import EmbedConfig, embed
 from pipelines.eval_cli import main as eval_main
 from pipelines.shards import write_qa_shards
 from pipelines.shapes import write_shapes
+from pipelines.errors import PipelineError
 from pipelines.train import TrainingDiverged, train
 from pipelines.train_cli import main as train_main
 from pipelines.train_config import TrainConfig
@@ -87,6 +88,9 @@ def test_resume_continues_exactly(data, tmp_path):
     train(tiny(data, tmp_path / "parts", stop_at=15))
     assert json.loads((tmp_path / "parts/checkpoints/last/trainer_state.json").read_text())["step"] == 15
     assert not (tmp_path / "parts/results.json").exists()
+    with pytest.raises(PipelineError, match="holds the checkpoint of an unfinished run .*: pass --resume to continue it"):
+        train(tiny(data, tmp_path / "parts"))  # a plain rerun would overwrite the checkpoint at its first eval
+    assert json.loads((tmp_path / "parts/checkpoints/last/trainer_state.json").read_text())["step"] == 15
     resumed = train(tiny(data, tmp_path / "parts", resume=True))
     assert resumed["steps"] == whole["steps"] == 30
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "parts")
@@ -179,6 +183,21 @@ def test_cli_errors(data, tmp_path):
     r = cli(*base, "--cache", f"image={tmp_path / 'partial'}")
     assert r.exit_code == 1 and "lacks 47 of 48 ids, needed by 235 of 240 records (e.g. 2, 3, 7, 9, 10, ...)" in r.output
     assert r.output.endswith("embed them, or allow missing ids (--allow-missing) to drop those records\n")
+    # A cache that lacks one image of the eval side only: refused before the first step, not at the first eval.
+    from pipelines.shards import shard_paths
+    from pipelines.stream import read_records
+
+    eval_only = ({r["image_id"] for r in read_records(shard_paths(data / "qa", "eval"))}
+                 - {r["image_id"] for r in read_records(shard_paths(data / "qa", "train"))})
+    gone = sorted(eval_only)[0]
+    with CacheReader(data / "cache") as src, CacheWriter(tmp_path / "no-eval", shape=src.meta.shape,
+                                                         producer=src.meta.producer) as w:
+        for key in src.keys():
+            if key != gone:
+                w.put(key, src[key])
+    r = cli(*base, "--cache", f"image={tmp_path / 'no-eval'}", "--eval-every", "1")
+    assert r.exit_code == 1 and f"lacks 1 of 12 ids, needed by 5 of 60 records (e.g. {gone})" in r.output, r.output
+    assert not (tmp_path / "x" / "checkpoints").exists() and not (tmp_path / "x" / "tb").exists()
     # A cache made by another model.
     with CacheWriter(tmp_path / "other", shape=(9, 192), producer={"model": "vit_base_patch16_224"}) as w:
         w.put("1", np.zeros((9, 192)))
