@@ -21,11 +21,11 @@ Then two CPU budgets, in CPU time per record:
 
 - spent: the training stream's loading process and workers, read off their clocks from the first
   batch on; the stream cannot outrun CPUs / that;
-- least possible: the parts measured alone, each on an otherwise idle machine: the values copied into
-  held batches + the stream without values in one process + a pickle round trip of its batches (the
-  least that handing a batch from one process to another costs). However the work is shared out
-  over processes, the stream needs at least that much CPU per record, so CPUs / that bounds every
-  multi-process design on this machine.
+- the parts alone, each measured on an otherwise idle machine: the values copied into held
+  batches + the stream without values in one process + a pickle round trip of its batches (the
+  least that handing a batch from one process to another costs). However this work is shared out
+  over processes, it needs at least that much CPU per record, so CPUs / that bounds every
+  multi-process split of it on this machine.
 
 Usage:
     python bench/stream_bench.py [--images 2000] [--questions 5] [--batch-size 64] [--workers 2]
@@ -90,7 +90,7 @@ def run_pickle(batches):
     """Seconds to pickle and unpickle ``batches``: what handing them to another process costs, at
     least (DataLoader workers pickle their batches; the loading process unpickles them)."""
     t0 = time.perf_counter()
-    for batch in batches:
+    for batch in batches:  # bytes made here, in memory, from this process' own batches: nothing read from disk
         pickle.loads(pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL))
     return time.perf_counter() - t0
 
