@@ -5,8 +5,9 @@ A grid point is a fusion layer L of the swept modality (``--fuse "0:question L:i
 depth, a pooling setting and a repeat index (seed = base seed + repeat). The runs go one after the
 other in this process, each through :func:`pipelines.train.train`, into ``RUNS_DIR/runs/<name>/``
 (``f3-d2-pool_none-r0``). A rerun skips finished runs (whole ``results.json`` with the same
-settings), keeps failed ones (``failed.json``: the loss diverged) unless asked to retry, and redoes
-broken ones (a folder without a whole ``results.json``: killed mid-run), so a sweep survives being
+settings), keeps failed ones (``failed.json``: the loss diverged) unless asked to retry, continues
+broken ones (a folder without a whole ``results.json``: killed mid-run) from their last checkpoint
+when they were started with the same settings and redoes the others, so a sweep survives being
 killed. Every grid point is checked against the model and the cache before any training.
 """
 
@@ -21,10 +22,9 @@ from fuse import PRESETS as T5_PRESETS
 from fuse import FusionConfigError, PoolSpec
 
 from .sweep_report import FAILED, RESULTS, RUNS, BrokenRun, GridError, SweepError, read_failure, read_run, report
-from .train_config import TrainConfig
+from .train_config import TEXT, TrainConfig
 
 log = logging.getLogger(__name__)
-TEXT = "question"
 
 # Named grids; flags given on the command line override their values.
 GRIDS = {
@@ -234,6 +234,19 @@ def _settings(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in _NOT_SETTINGS + ("fuse", "pool", "decoder_layers", "seed")}
 
 
+def resumable(run_dir: Path, run: TrainConfig) -> bool:
+    """Whether a broken run can go on from its last checkpoint: there is one, short of the last step,
+    and the run was started (``config.json``) with the very settings of ``run``."""
+    try:
+        step = json.loads((run_dir / "checkpoints" / "last" / "trainer_state.json").read_text())["step"]
+        started = json.loads((run_dir / "config.json").read_text())
+        same = {k: v for k, v in started.items() if k not in _NOT_SETTINGS} == \
+            {k: v for k, v in json.loads(json.dumps(run.to_dict())).items() if k not in _NOT_SETTINGS}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return same and isinstance(step, int) and step < run.steps
+
+
 # ---- the sweep --------------------------------------------------------------------------------------
 
 def plan(cfg: SweepConfig) -> tuple:
@@ -278,16 +291,21 @@ def prepare_shards(cfg: SweepConfig) -> None:
              manifest["eval"]["count"], cfg.vqa, qa)
 
 
-def run_sweep(cfg: SweepConfig, train_fn=None) -> dict:
+def run_sweep(cfg: SweepConfig, train_fn=None, planned: tuple = None) -> dict:
     """Run every unfinished grid point, then write the summary and figures.
+
+    A broken run (killed, or still running elsewhere) goes on from its last checkpoint when
+    :func:`resumable`; otherwise it is deleted and done again, as is a failed one with
+    ``retry_failed``.
 
     Args:
         cfg: the sweep.
         train_fn: the training function (default :func:`pipelines.train.train`).
+        planned: what :func:`plan` returned for ``cfg``, if the caller has it already.
 
     Returns:
-        The summary (:func:`pipelines.sweep_report.report`) with ``ran``, ``skipped``, ``redone``
-        and ``newly_failed`` (run names) added.
+        The summary (:func:`pipelines.sweep_report.report`) with ``ran``, ``skipped``, ``resumed``,
+        ``redone`` and ``newly_failed`` (run names) added.
 
     Raises:
         GridError, ValueError: an impossible grid point or setting, before any training.
@@ -299,7 +317,7 @@ def run_sweep(cfg: SweepConfig, train_fn=None) -> dict:
 
     if train_fn is None:
         from .train import train as train_fn
-    base, todo = plan(cfg)
+    base, todo = planned or plan(cfg)
     out, runs_root = Path(cfg.out), Path(cfg.out) / RUNS
     runs_root.mkdir(parents=True, exist_ok=True)
     if cfg.vqa:
@@ -307,7 +325,7 @@ def run_sweep(cfg: SweepConfig, train_fn=None) -> dict:
     check_stream(stream_configs(base, 1)[0])  # caches match, every id present: once, before any training
     (out / "sweep.json").write_text(json.dumps({"sweep": dataclasses.asdict(cfg), "base": base.to_dict(),
                                                 "runs": [p.name for p, _, _ in todo]}, indent=2) + "\n")
-    ran, skipped, redone, newly_failed = [], [], [], []
+    ran, skipped, resumed, redone, newly_failed = [], [], [], [], []
     pending = [(p, s, r) for p, s, r in todo if s == "todo" or s == "broken" or (s == "failed" and cfg.retry_failed)]
     log.info("sweep: %d run(s) in the grid, %d to run, %d finished, %d failed before", len(todo), len(pending),
              sum(s == "finished" for _, s, _ in todo), sum(s == "failed" for _, s, _ in todo))
@@ -318,11 +336,15 @@ def run_sweep(cfg: SweepConfig, train_fn=None) -> dict:
             skipped.append(point.name)
     for i, (point, status, reason) in enumerate(pending, 1):
         run_dir = runs_root / point.name
-        if status in ("broken", "failed"):
+        run = cfg.run_config(base, point)
+        if status == "broken" and resumable(run_dir, run):
+            log.warning("resume %s from its last checkpoint: %s", point.name, reason)
+            run = dataclasses.replace(run, resume=True)
+            resumed.append(point.name)
+        elif status in ("broken", "failed"):
             log.warning("redo %s: %s", point.name, reason)
             shutil.rmtree(run_dir)
             redone.append(point.name)
-        run = cfg.run_config(base, point)
         log.info("run %d/%d %s: --fuse '%s' --pool '%s' --decoder-layers %d --seed %d", i, len(pending),
                  point.name, run.fuse, run.pool, run.decoder_layers, run.seed)
         try:
@@ -337,4 +359,5 @@ def run_sweep(cfg: SweepConfig, train_fn=None) -> dict:
         log.info("run %s: best accuracy %.2f%%, last %.2f%%, %.2f steps/s", point.name,
                  100 * results["best"]["accuracy"], 100 * results["last"]["accuracy"], results["steps_per_s"])
     summary = report(out)
-    return {**summary, "ran": ran, "skipped": skipped, "redone": redone, "newly_failed": newly_failed}
+    return {**summary, "ran": ran, "skipped": skipped, "resumed": resumed, "redone": redone,
+            "newly_failed": newly_failed}

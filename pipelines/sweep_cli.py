@@ -140,8 +140,9 @@ def main():
 def run(caches, grid, dry_run, **flags):
     """Train every grid point that is not finished yet, then write the summary and figures.
 
-    Finished runs are skipped; a run folder without a whole results.json (a killed run) is deleted
-    and run again; a run whose loss diverged is recorded as failed. All fuse-train options below
+    Finished runs are skipped; a run folder without a whole results.json (a killed run) goes on
+    from its last checkpoint if it was started with the same settings, else it is deleted and run
+    again; a run whose loss diverged is recorded as failed. All fuse-train options below
     --dry-run apply to every run (--seed is the first repeat's seed).
 
     Example:
@@ -165,7 +166,10 @@ def run(caches, grid, dry_run, **flags):
                    f"({base.steps} steps each)")
         return
     with _logging_to(cfg.out):
-        summary = _errors(lambda: run_sweep(cfg))
+        try:  # the grid was checked above: errors from here on are the data's or a run's, not usage
+            summary = run_sweep(cfg, planned=(base, todo))
+        except (PipelineError, StoreError, OSError) as e:
+            raise click.ClickException(str(e)) from None
     _echo_summary(summary)
     if summary["newly_failed"]:
         raise click.ClickException(f"{len(summary['newly_failed'])} run(s) diverged: "

@@ -27,6 +27,7 @@ from pathlib import Path
 from fuse import PRESETS, FusionConfigError, FusionSpec, coerce_pools
 
 from .errors import PipelineError
+from .train_config import TEXT
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,6 @@ RUNS = "runs"
 RESULTS = "results.json"
 FAILED = "failed.json"
 FIGURES = "figures"
-TEXT = "question"
 
 # Columns of summary.csv, in order (also the keys of summary.json's "points").
 COLUMNS = ("fuse_layer", "decoder_layers", "pool", "pool_type", "pool_length", "repeats",

@@ -34,10 +34,9 @@ from .metric import VQAScore
 from .stream import StreamConfig, check_stream, eval_loader, open_caches, train_loader
 from .shards import shard_paths
 from .tokens import decode_batch, load_tokenizer
-from .train_config import TrainConfig
+from .train_config import TEXT, TrainConfig
 
 log = logging.getLogger(__name__)
-TEXT = "question"
 RUN_FILE = "fuse_run.json"
 RUN_TOKENIZER = "tokenizer"
 

@@ -14,6 +14,7 @@ SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "adafactor")
 PRECISIONS = ("no", "bf16", "fp16")
 IMAGE_SOURCES = ("cache", "online")
+TEXT = "question"  # the text modality: the question's tokens
 
 # Named presets (flags and the config file override them).
 PRESETS = {
@@ -118,15 +119,15 @@ class TrainConfig:
         if self.decoder_layers is not None and self.decoder_layers < 1:
             raise ValueError(f"--decoder-layers {self.decoder_layers}: the decoder needs at least 1 block")
         spec = FusionSpec.coerce(self.fuse)  # raises FusionSpecError naming --fuse
-        if "question" not in spec.modalities():
+        if TEXT not in spec.modalities():
             raise ValueError(f"--fuse {self.fuse}: the question must join the encoder (e.g. 0:question)")
         coerce_pools(self.pool or None)  # raises PoolSpecError naming --pool
         for name in self._positions():
-            if name == "question" or (name not in self.fused_modalities() and name not in self.caches):
+            if name == TEXT or (name not in self.fused_modalities() and name not in self.caches):
                 raise ValueError(f"--positions {name}: not a vector modality of --fuse {self.fuse}")
         if self.shards:
             for name in self.fused_modalities():
-                if name != "question" and name not in self.caches:
+                if name != TEXT and name not in self.caches:
                     raise ValueError(f"--fuse {self.fuse}: modality '{name}' has no --cache {name}=PATH")
 
     def position_modalities(self) -> list:

@@ -1,6 +1,7 @@
 """fuse-sweep on real data: shapes images -> the shipped demo ViT -> LMDB cache -> shards -> a 2×2 grid
 of tiny fused T5s trained for real on the CPU; then the summary, the figures, reruns and broken runs."""
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -16,7 +17,7 @@ from pipelines.shapes import write_shapes
 from pipelines.sweep import GridPoint, SweepConfig, plan, prepare_shards, run_sweep
 from pipelines.sweep_cli import main
 from pipelines.sweep_report import COLUMNS, RunRecord, pareto_front, report, summarise
-from pipelines.train import TrainingDiverged
+from pipelines.train import TrainingDiverged, train
 
 RUNS = ["f0-d1-pool_none-r0", "f0-d2-pool_none-r0", "f4-d1-pool_none-r0", "f4-d2-pool_none-r0"]
 SUMMARY = ("summary.json", "summary.csv", "summary.md")
@@ -119,6 +120,31 @@ def test_a_rerun_redoes_only_what_is_missing(data, sweep, tmp_path, caplog):
     assert not (killed / "stale.txt").exists() and (killed / "results.json").is_file()
     assert f"redo {RUNS[1]}: no results.json" in caplog.text
     assert summary["finished"] == 4 and summary["broken"] == []
+
+
+def test_a_killed_run_goes_on_from_its_checkpoint_unless_its_settings_differ(data, sweep, tmp_path, caplog):
+    out = copy_of(sweep, tmp_path)
+    name, cfg = RUNS[1], config(data, out)
+    whole = json.loads((out / "runs" / name / "results.json").read_text())
+    shutil.rmtree(out / "runs" / name)
+    base, todo = plan(cfg)
+    point = next(p for p, _, _ in todo if p.name == name)
+    train(dataclasses.replace(cfg.run_config(base, point), stop_at=5))  # what a run killed after step 5 leaves
+    assert [s for p, s, _ in plan(cfg)[1] if p.name == name] == ["broken"]
+    with caplog.at_level(logging.INFO, logger="pipelines.sweep"):
+        summary = run_sweep(cfg)
+    assert summary["resumed"] == [name] and summary["redone"] == [] and summary["ran"] == [name]
+    assert f"resume {name} from its last checkpoint: no results.json" in caplog.text
+    results = json.loads((out / "runs" / name / "results.json").read_text())
+    assert results["steps"] == 10 and [h["step"] for h in results["history"]] == [5, 10]
+    assert [h["accuracy"] for h in results["history"]] == [h["accuracy"] for h in whole["history"]]
+
+    # Started with another learning rate: done again from step 0, not continued.
+    (out / "runs" / name / "results.json").unlink()
+    train(dataclasses.replace(cfg.run_config(base, point), stop_at=5, lr=5e-3, overwrite=True))
+    summary = run_sweep(cfg)
+    assert summary["resumed"] == [] and summary["redone"] == [name]
+    assert json.loads((out / "runs" / name / "config.json").read_text())["lr"] == 1e-2
 
 
 def test_a_broken_run_is_reported_not_averaged_in(sweep, tmp_path, caplog):
