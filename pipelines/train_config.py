@@ -114,6 +114,12 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
         if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 0):
             raise ValueError(f"--eval-limit {self.eval_limit}: must be 0 (all) or a positive integer")
+        for name in ("threads", "stop_at"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
+        if not isinstance(self.warmup, (int, float)) or self.warmup < 0:
+            raise ValueError(f"--warmup {self.warmup}: must be a fraction of the steps (< 1) or a number of steps")
         if self.lr <= 0:
             raise ValueError(f"--lr {self.lr}: must be positive")
         if self.decoder_layers is not None and self.decoder_layers < 1:
