@@ -66,10 +66,12 @@ def answer_one(model, run, tokenizer, image: str, question: str, max_new_tokens:
 @click.option("--side", type=click.Choice(["eval", "train"]), default="eval", help="Which side of the shards.")
 @click.option("--batch-size", type=int, default=128)
 @click.option("--limit", type=click.IntRange(min=0), help="Score at most N questions (0: all).")
+@click.option("--allow-missing", is_flag=True,
+              help="Drop questions whose id a cache lacks, and count them (on if the run trained so).")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Answer one question about this image.")
 @click.option("--question", help="The question to answer about --image.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def main(checkpoint, shards, caches, side, batch_size, limit, image, question, as_json):
+def main(checkpoint, shards, caches, side, batch_size, limit, allow_missing, image, question, as_json):
     """Score a fuse-train checkpoint with the official VQA accuracy, or answer one question.
 
     CHECKPOINT is a run directory (its best checkpoint is used) or a checkpoint folder.
@@ -89,7 +91,7 @@ def main(checkpoint, shards, caches, side, batch_size, limit, image, question, a
             click.echo(json.dumps({"question": question, "image": image, "answer": answer}) if as_json else answer)
             return
         summary = score(model, run, tokenizer, shards, parse_caches(caches) if caches else None, side,
-                        batch_size, limit)
+                        batch_size, limit, allow_missing)
     except (PipelineError, StoreError, FusionConfigError, ValueError, OSError) as e:
         raise click.ClickException(str(e)) from None
     summary["checkpoint"] = str(ckpt)
@@ -107,7 +109,7 @@ def main(checkpoint, shards, caches, side, batch_size, limit, image, question, a
                    if m else kind)
 
 
-def score(model, run, tokenizer, shards, caches, side, batch_size, limit) -> dict:
+def score(model, run, tokenizer, shards, caches, side, batch_size, limit, allow_missing=False) -> dict:
     from accelerate import Accelerator
 
     from .shards import shard_paths
@@ -118,7 +120,8 @@ def score(model, run, tokenizer, shards, caches, side, batch_size, limit) -> dic
     shards = shards or cfg["shards"]
     sc = StreamConfig(shards=shard_paths(shards, side), caches=caches or cfg["caches"], expect=cfg.get("expect", {}),
                       tokenizer=run["tokenizer"], batch_size=batch_size,
-                      num_workers=cfg.get("num_workers", 2), max_answer_len=cfg.get("max_answer_len", 16))
+                      num_workers=cfg.get("num_workers", 2), max_answer_len=cfg.get("max_answer_len", 16),
+                      allow_missing=allow_missing or cfg.get("allow_missing", False))
     accelerator = Accelerator()
     return evaluate(model, eval_loader(sc, 0, 1), tokenizer, model.config.fusion().modalities(), accelerator,
                     cfg.get("max_new_tokens", 16), limit)

@@ -18,6 +18,8 @@ from pipelines.eval_cli import main as eval_main
 from pipelines.shards import write_qa_shards
 from pipelines.shapes import write_shapes
 from pipelines.errors import PipelineError
+from pipelines.shards import shard_paths
+from pipelines.stream import read_records
 from pipelines.train import TrainingDiverged, train
 from pipelines.train_cli import main as train_main
 from pipelines.train_config import TrainConfig
@@ -143,6 +145,19 @@ def test_fuse_eval_scores_a_checkpoint_and_answers_one_question(data, tmp_path):
     d = json.loads(res.output)
     saved = json.loads((tmp_path / "run/results.json").read_text())["best"]
     assert d["count"] == saved["count"] and d["accuracy"] == pytest.approx(saved["accuracy"])
+    # A cache that lacks one image: refused with a message, or its questions dropped with --allow-missing.
+    with CacheReader(data / "cache") as src, CacheWriter(tmp_path / "partial", shape=src.meta.shape,
+                                                         producer=src.meta.producer) as w:
+        gone = sorted({r["image_id"] for r in read_records(shard_paths(data / "qa", "eval"))})[0]
+        for key in src.keys():
+            if key != gone:
+                w.put(key, src[key])
+    partial = [str(tmp_path / "run"), "--cache", f"image={tmp_path / 'partial'}", "--json"]
+    res = CliRunner().invoke(eval_main, partial)
+    assert res.exit_code == 1 and "lacks 1 of 12 ids" in res.output and "(--allow-missing)" in res.output
+    res = CliRunner().invoke(eval_main, [*partial, "--allow-missing"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["count"] == saved["count"] - 5
 
     question = "What color is the circle?"
     image = data / "shapes/train2014/COCO_train2014_000000000001.jpg"
@@ -184,9 +199,6 @@ def test_cli_errors(data, tmp_path):
     assert r.exit_code == 1 and "lacks 47 of 48 ids, needed by 235 of 240 records (e.g. 2, 3, 7, 9, 10, ...)" in r.output
     assert r.output.endswith("embed them, or allow missing ids (--allow-missing) to drop those records\n")
     # A cache that lacks one image of the eval side only: refused before the first step, not at the first eval.
-    from pipelines.shards import shard_paths
-    from pipelines.stream import read_records
-
     eval_only = ({r["image_id"] for r in read_records(shard_paths(data / "qa", "eval"))}
                  - {r["image_id"] for r in read_records(shard_paths(data / "qa", "train"))})
     gone = sorted(eval_only)[0]
