@@ -6,7 +6,6 @@ Example:
     >>> summary.embedded, summary.failed
 """
 
-from . import models  # noqa: F401  registers the project's own timm models (vit_shapes_patch16_48)
 from .config import DEFAULT_MODEL, EmbedConfig
 from .decode import BadImage, open_rgb
 from .errors import EmbedError, ModelError, SourceError

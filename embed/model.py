@@ -111,6 +111,8 @@ def load_model(config: EmbedConfig, device="cpu") -> LoadedModel:
     import timm
     from timm.data import create_transform, resolve_data_config
 
+    from . import models  # noqa: F401  registers the project's own timm models (vit_shapes_patch16_48)
+
     name, kwargs = config.model, config.create_kwargs()
     if not timm.is_model(name):
         raise ModelError(f"--model {name}: timm has no such model (see timm.list_models())")

@@ -1,5 +1,6 @@
-"""Models this project registers with timm, so that ``timm.create_model(name)`` and ``embed --model``
-find them like any other timm model.
+"""Models this project registers with timm, so that ``embed --model`` and, after ``import embed.models``,
+``timm.create_model(name)`` find them like any other timm model. :func:`embed.load_model` imports this
+module itself; ``import embed`` does not, so that the CLIs check their arguments before loading timm.
 
 ``vit_shapes_patch16_48``: a small ViT (4 blocks, 192 dims, 3 heads) at 48×48 pixels with 16-pixel
 patches, so its 3×3 patch tokens line up with the 3×3 grid of the synthetic shapes data. Its
