@@ -363,16 +363,16 @@ class CacheReader:
 
         Args:
             ids: the ids, in the order of the rows.
-            out: a C-contiguous array of ``len(ids)`` rows of one value's size to fill instead.
+            out: an array to fill instead: C-contiguous, of the shape and dtype this returns.
 
         Raises:
             MissingIdError, CorruptValueError: as ``reader[id]``, for the first bad id.
         """
-        n = self._nbytes
+        n, shape, dtype = self._nbytes, (len(ids), *self._shape), np.dtype(self._np_dtype or np.int16)
         if out is None:
-            out = np.empty((len(ids), *self._shape), dtype=self._np_dtype or np.int16)
-        elif not out.flags.c_contiguous or out.nbytes != len(ids) * n:
-            raise StoreError(f"get_batch: out must be a C-contiguous array of {len(ids)} x {n} bytes")
+            out = np.empty(shape, dtype=dtype)
+        elif not out.flags.c_contiguous or out.shape != shape or out.dtype != dtype:
+            raise StoreError(f"get_batch: out must be a C-contiguous {dtype} array of shape {shape}")
         rows = memoryview(out.reshape(-1).view(np.uint8))  # (len(ids) * n,): a row = one slice, one memcpy
         txn, db = self._txn or self.txn, self._db
         for i, image_id in enumerate(ids):

@@ -359,8 +359,11 @@ def test_get_batch_copies_each_value_into_one_array(tmp_path, dtype):
         np.testing.assert_allclose(np.asarray(got[1], dtype=np.float32), values["a"], rtol=1e-2, atol=1e-2)
         out = np.empty_like(batch)
         assert r.get_batch(["c", "a", "c"], out=out) is out and np.array_equal(out, batch)
-        with pytest.raises(StoreError, match="C-contiguous array of 2 x"):
+        with pytest.raises(StoreError, match=r"C-contiguous \w+ array of shape \(2, "):
             r.get_batch(["a", "b"], out=np.empty((2, *SHAPE), batch.dtype)[:, ::-1])
+        other = {np.dtype(np.float16): np.int16, np.dtype(np.int16): np.float16, np.dtype(np.float32): np.int32}
+        with pytest.raises(StoreError, match="C-contiguous"):  # the right size in bytes, but another dtype
+            r.get_batch(["a", "b"], out=np.empty((2, *SHAPE), other[batch.dtype]))
         with pytest.raises(MissingIdError, match=r"^id 'zz' is not in cache"):
             r.get_batch(["a", "zz"])
         assert r.get_batch([]).shape == (0, *SHAPE)
