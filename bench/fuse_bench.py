@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -130,7 +131,7 @@ def main(argv=None) -> None:
     # 2. Text + image tokens at layer 0: stock T5 on the concatenated embeddings vs fused k=0.
     fused0 = make_fused("0:question,image")
     stock_img = T5ForConditionalGeneration(probe.to_t5_config()).to(device)
-    stock_adapter = make_fused("0:question,image").encoder.adapters["image"].to(device)
+    stock_adapter = copy.deepcopy(fused0.encoder.adapters["image"])  # the same weights, its own parameters
     stock_img.load_state_dict(fused0.state_dict(), strict=False)
     stock_img.add_module("image_adapter", stock_adapter)  # so its optimizer steps the adapter too
 
