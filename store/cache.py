@@ -296,10 +296,7 @@ class CacheReader:
         self._env = self._txn = self._pid = self._lease = None
         key, env, dbs = SHARED.lease(self.path)
         try:
-            if DB_META not in dbs:
-                raise NotACacheError(f"{self.path} is an LMDB environment but not a cache "
-                                     "(no metadata record)")
-            self.meta = read_meta(env, self.path, dbs[DB_META])  # before the data: a clear error first
+            self.meta = read_meta(env, self.path, dbs.get(DB_META))  # before the data: a clear error first
         finally:
             SHARED.release(key)
         self._set_layout()
