@@ -90,7 +90,7 @@ def build_word_tokenizer(texts, out) -> int:
     from transformers import PreTrainedTokenizerFast
 
     pre = pre_tokenizers.Whitespace()
-    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t.lower())})
+    words = sorted({w for t in {t.lower() for t in texts} for w, _ in pre.pre_tokenize_str(t)})  # each text once
     vocab = {w: i for i, w in enumerate([*WORD_SPECIALS, *[w for w in words if w not in WORD_SPECIALS]])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
