@@ -129,8 +129,8 @@ class FusionT5Encoder(FusionInitMixin, T5Stack):
         if all(m is None for m in masks):
             return hidden, None
         B, L, D = hidden.shape
-        ones = [torch.ones(p.shape[:2], dtype=torch.bool, device=hidden.device) for p in parts]
-        full = torch.cat([o if m is None else m for o, m in zip(ones, masks)], dim=1)  # (B, L)
+        full = torch.cat([torch.ones(p.shape[:2], dtype=torch.bool, device=hidden.device) if m is None else m
+                          for p, m in zip(parts, masks)], dim=1)  # (B, L): a mask of ones where a part has none
         # A stable sort on "is padding" puts real tokens first and keeps their order.
         order = torch.sort((~full).to(torch.int32), dim=1, stable=True).indices  # (B, L)
         hidden = hidden.gather(1, order.unsqueeze(-1).expand(B, L, D))  # (B, L, D)
