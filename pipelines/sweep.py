@@ -21,7 +21,7 @@ from pathlib import Path
 from fuse import PRESETS as T5_PRESETS
 from fuse import FusionConfigError, PoolSpec
 
-from .sweep_report import FAILED, RESULTS, RUNS, BrokenRun, GridError, SweepError, read_failure, read_run, report
+from .sweep_report import FAILED, RESULTS, RUNS, GridError, SweepError, classify, report
 from .train_config import TEXT, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -263,14 +263,7 @@ def plan(cfg: SweepConfig) -> tuple:
     todo = []
     for point in points:
         run_dir = runs_root / point.name
-        status, reason = "todo", ""
-        if run_dir.exists():
-            failure = read_failure(run_dir)
-            try:
-                read_run(run_dir)
-                status = "finished"
-            except BrokenRun as e:
-                status, reason = ("failed", failure) if failure is not None else ("broken", str(e))
+        status, reason, _ = classify(run_dir) if run_dir.exists() else ("todo", "", None)
         todo.append((point, status, reason))
     return base, todo
 

@@ -178,6 +178,18 @@ def read_failure(run_dir: Path) -> str | None:
         return f"failed ({FAILED} unreadable: {e})"
 
 
+def classify(run_dir: Path) -> tuple:
+    """``(status, reason, record)`` of a run folder: ``finished`` with its :class:`RunRecord`,
+    ``failed`` (a ``failed.json`` and no ``results.json``: the loss diverged) or ``broken``."""
+    reason = read_failure(run_dir)
+    if reason is not None and not (Path(run_dir) / RESULTS).exists():
+        return "failed", reason, None
+    try:
+        return "finished", "", read_run(run_dir)
+    except BrokenRun as e:
+        return "broken", str(e), None
+
+
 def scan(runs_dir) -> tuple[list, list, list]:
     """``(finished records, failed [{run, reason}], broken [{run, reason}])`` of ``runs_dir/runs``."""
     folder = Path(runs_dir) / RUNS
@@ -185,14 +197,11 @@ def scan(runs_dir) -> tuple[list, list, list]:
         raise SweepError(f"{runs_dir}: no {RUNS}/ folder (not a sweep directory, or no run started yet)")
     finished, failed, broken = [], [], []
     for run_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        reason = read_failure(run_dir)
-        if reason is not None and not (run_dir / RESULTS).exists():
-            failed.append({"run": run_dir.name, "reason": reason})
-            continue
-        try:
-            finished.append(read_run(run_dir))
-        except BrokenRun as e:
-            broken.append({"run": run_dir.name, "reason": str(e)})
+        status, reason, record = classify(run_dir)
+        if status == "finished":
+            finished.append(record)
+        else:
+            (failed if status == "failed" else broken).append({"run": run_dir.name, "reason": reason})
     return finished, failed, broken
 
 
