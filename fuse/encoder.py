@@ -59,11 +59,29 @@ class FusionEncoderOutput(BaseModelOutput):
 
 
 class FusionInitMixin:
-    """Initialises the adapters (T5's ``_init_weights`` would give their linears std=1)."""
+    """T5's weight initialisation for the fused model, and the adapters' own on top of it.
+
+    transformers 5 treats a model class defined outside the library as "custom code" and, for such
+    classes, marks every module that owns no parameter directly as initialised without calling
+    ``_init_weights`` on it (``PreTrainedModel._initialize_weights``). T5's attention and
+    feed-forward layers own none (their ``nn.Linear`` children do), so the encoder's q/k/v/o,
+    wi/wo and relative position bias kept the generic ``std = initializer_factor = 1`` init instead
+    of T5's (q: (d_model * d_kv)^-1/2, ...). That check is meant for remote code whose
+    ``_init_weights`` writes tensors in place; ours, T5's and the adapters' use
+    ``transformers.initialization``, which skips tensors loaded from a checkpoint by their own flag.
+    So these classes are library code as far as initialisation goes. ``tests/test_fuse_init.py``
+    compares every parameter family with stock ``T5ForConditionalGeneration``, so a release that
+    changes this mechanism fails the suite instead of silently confounding results.
+    """
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        return False
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, ModalityAdapter):
-            module.reset_parameters(init=hf_init)  # runs after its children: overrides their T5 init
+            # Runs after its children: overrides the generic init T5 gives their linears (std 1).
+            module.reset_parameters(init=hf_init)
         else:
             super()._init_weights(module)
 

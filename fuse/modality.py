@@ -72,13 +72,7 @@ class ModalityAdapter(nn.Module):
         if self.position_embedding is not None:
             init.normal_(self.position_embedding, mean=0.0, std=POSITION_INIT_STD)
         if isinstance(self.pool, AttentionPool):
-            dim = self.pool.latent.shape[-1]
-            init.normal_(self.pool.latent, mean=0.0, std=dim**-0.5)
-            for lin in (self.pool.q, self.pool.kv, self.pool.proj, self.pool.mlp[0], self.pool.mlp[2]):
-                init.trunc_normal_(lin.weight, std=0.02)
-                init.zeros_(lin.bias)
-            init.ones_(self.pool.norm.weight)
-            init.zeros_(self.pool.norm.bias)
+            self.pool.reset_parameters(init=init)
 
     def output_length(self, n: int) -> int:
         """Tokens out for ``n`` tokens in."""

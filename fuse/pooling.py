@@ -111,15 +111,20 @@ class AttentionPool(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """timm-style init: latent ~ N(0, dim^-1/2), linear weights trunc-normal(0.02), zero biases."""
+    def reset_parameters(self, init=nn.init) -> None:
+        """timm-style init: latent ~ N(0, dim^-1/2), linear weights trunc-normal(0.02), zero biases.
+
+        Args:
+            init: the module of init functions (``transformers.initialization`` inside the model,
+                so that weights loaded from a checkpoint are not overwritten).
+        """
         dim = self.latent.shape[-1]
-        nn.init.normal_(self.latent, std=dim**-0.5)
+        init.normal_(self.latent, mean=0.0, std=dim**-0.5)
         for module in (self.q, self.kv, self.proj, self.mlp[0], self.mlp[2]):
-            nn.init.trunc_normal_(module.weight, std=0.02)
-            nn.init.zeros_(module.bias)
-        nn.init.ones_(self.norm.weight)
-        nn.init.zeros_(self.norm.bias)
+            init.trunc_normal_(module.weight, std=0.02)
+            init.zeros_(module.bias)
+        init.ones_(self.norm.weight)
+        init.zeros_(self.norm.bias)
 
     def output_length(self, n: int) -> int:
         return self.length
