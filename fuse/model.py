@@ -12,6 +12,7 @@ kept (block 0 owns the relative position bias, so it always stays).
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from .config import FusionT5Config
 from .encoder import FusionEncoderOutput, FusionInitMixin, FusionT5Encoder, ModalityInput
 from .spec import DecoderDepthError, FusionInputError
 
+log = logging.getLogger(__name__)
 
 class FusionT5ForConditionalGeneration(FusionInitMixin, T5ForConditionalGeneration):
     """T5 with per-layer multimodal fusion in the encoder.
@@ -118,6 +120,9 @@ class FusionT5ForConditionalGeneration(FusionInitMixin, T5ForConditionalGenerati
             num_decoder_layers=decoder_layers or total,
             **dict(config_overrides or {}),
         )
+        if decoder_layers is not None and decoder_layers < total:
+            log.info("%s: keeping decoder blocks 0..%d of %d; blocks %d..%d are dropped", name_or_path,
+                     decoder_layers - 1, total, decoder_layers, total - 1)
         return cls.from_pretrained(name_or_path, config=config, **from_pretrained_kwargs)
 
     def truncate_decoder(self, num_layers: int) -> None:

@@ -271,16 +271,18 @@ def pretrained_t5_dir(tmp_path_factory):
     return path
 
 
-def test_from_t5_loads_pretrained_weights_and_cuts_the_decoder(pretrained_t5_dir):
+def test_from_t5_loads_pretrained_weights_and_cuts_the_decoder(pretrained_t5_dir, caplog):
     stock = T5ForConditionalGeneration.from_pretrained(pretrained_t5_dir).eval()
-    model = FusionT5ForConditionalGeneration.from_t5(
-        str(pretrained_t5_dir),
-        fusion_spec="0:question 3:image",
-        text_modalities=["question"],
-        modality_dims={"image": IMG_DIM},
-        pool="image:attention:2",
-        decoder_layers=1,
-    ).eval()
+    with caplog.at_level("INFO", logger="fuse.model"):
+        model = FusionT5ForConditionalGeneration.from_t5(
+            str(pretrained_t5_dir),
+            fusion_spec="0:question 3:image",
+            text_modalities=["question"],
+            modality_dims={"image": IMG_DIM},
+            pool="image:attention:2",
+            decoder_layers=1,
+        ).eval()
+    assert f"{pretrained_t5_dir}: keeping decoder blocks 0..0 of 3; blocks 1..2 are dropped" in caplog.text
     assert len(model.decoder.block) == model.config.num_decoder_layers == 1
     bias = model.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
     stock_bias = stock.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
