@@ -44,10 +44,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pipelines.shapes import make_image  # noqa: E402
-from pipelines.shards import write_shards  # noqa: E402
-from pipelines.stream import StreamConfig, train_loader  # noqa: E402
-from pipelines.batch import AttachVectors  # noqa: E402
+from pipelines.data.shapes import make_image  # noqa: E402
+from pipelines.data.shards import write_shards  # noqa: E402
+from pipelines.data.stream import StreamConfig, train_loader  # noqa: E402
+from pipelines.data.batch import AttachVectors  # noqa: E402
 from store import CacheReader, CacheWriter  # noqa: E402
 
 SHAPE = (196, 768)

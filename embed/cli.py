@@ -7,12 +7,10 @@ import sys
 
 import click
 
-from store import StoreError
+from store import DTYPES, StoreError
 
 from .config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, PRECISIONS, SOURCE_KINDS, EmbedConfig
 from .errors import EmbedError
-
-_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def _is_main_process() -> bool:
@@ -59,7 +57,7 @@ def _format_summary(s) -> list[str]:
               help="Take transformer block K's output (no final norm; -2 = the penultimate block, as "
                    "LLaVA) instead of the final-norm tokens.")
 @click.option("--batch-size", default=64, show_default=True, help="Images per forward pass and commit.")
-@click.option("--dtype", type=click.Choice(_DTYPES), default="float16", show_default=True,
+@click.option("--dtype", type=click.Choice(DTYPES), default="float16", show_default=True,
               help="The cache's value dtype.")
 @click.option("--device", help="cpu, cuda or cuda:N [default: what accelerate picks].")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
@@ -118,7 +116,7 @@ def cli(images, out, model, pretrained, checkpoint, model_kwargs, img_size, laye
 
     import torch
 
-    from .run import embed  # torch and timm load only once the arguments are known to be good
+    from .run import embed  # timm loads only once the arguments are known to be good (import embed loads torch)
 
     try:
         summary = embed(config)

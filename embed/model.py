@@ -111,7 +111,7 @@ def load_model(config: EmbedConfig, device="cpu") -> LoadedModel:
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    from . import models  # noqa: F401  registers the project's own timm models (vit_shapes_patch16_48)
+    from . import registry  # noqa: F401  registers the project's own timm models (vit_shapes_patch16_48)
 
     name, kwargs = config.model, config.create_kwargs()
     if not timm.is_model(name):

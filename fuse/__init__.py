@@ -5,7 +5,7 @@ Public API::
     from fuse import FusionT5Config, FusionT5ForConditionalGeneration, FusionSpec, PoolSpec
 """
 
-from .config import PRESETS, FusionT5Config
+from .config import T5_PRESETS, FusionT5Config
 from .encoder import FusionEncoderOutput, FusionT5Encoder
 from .flops import FlopCount, encoder_lengths, train_step_flops
 from .modality import ModalityAdapter
@@ -27,7 +27,7 @@ from .spec import (
 __all__ = [
     "POOLS",
     "POOL_TYPES",
-    "PRESETS",
+    "T5_PRESETS",
     "AttentionPool",
     "DecoderDepthError",
     "FlopCount",

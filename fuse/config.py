@@ -24,7 +24,7 @@ from .spec import (
 
 # Architecture shapes only; weights are random unless loaded with
 # ``FusionT5ForConditionalGeneration.from_t5``.
-PRESETS: dict[str, dict[str, Any]] = {
+T5_PRESETS: dict[str, dict[str, Any]] = {
     # Unit tests: fast on 2 CPU cores; ByT5's 384-token vocabulary needs no tokenizer files.
     "tiny": dict(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=4, num_decoder_layers=2,
                  num_heads=4),
@@ -109,9 +109,6 @@ class FusionT5Config(T5Config):
         pool = self.pools()[name]
         return pool.length if pool.length is not None else self.modality_lengths[name]
 
-    def vector_modalities(self) -> list[str]:
-        return list(self.modality_dims)
-
     def is_text(self, name: str) -> bool:
         return name in self.text_modalities
 
@@ -147,14 +144,14 @@ class FusionT5Config(T5Config):
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> FusionT5Config:
-        """A preset architecture (a key of :data:`PRESETS`) with fusion fields in ``overrides``.
+        """A preset architecture (a key of :data:`T5_PRESETS`) with fusion fields in ``overrides``.
 
         Raises:
             KeyError: an unknown preset name, listing the known ones.
         """
-        if name not in PRESETS:
-            raise KeyError(f"unknown T5 preset '{name}' (known: {', '.join(PRESETS)})")
-        return cls(**{**PRESETS[name], **overrides})
+        if name not in T5_PRESETS:
+            raise KeyError(f"unknown T5 preset '{name}' (known: {', '.join(T5_PRESETS)})")
+        return cls(**{**T5_PRESETS[name], **overrides})
 
     @classmethod
     def from_t5_config(cls, t5_config: T5Config | Mapping[str, Any], **fusion: Any) -> FusionT5Config:

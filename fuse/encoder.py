@@ -98,6 +98,8 @@ class FusionT5Encoder(FusionInitMixin, T5Stack):
         super().__init__(config)
         if embed_tokens is not None:
             self.embed_tokens = embed_tokens
+        self.spec = config.fusion()  # parsed once: forward reads it on every call
+        self.joins = self.spec.as_mapping()  # {layer: [modality, ...]}
         pools = config.pools()
         self.adapters = nn.ModuleDict(
             {
@@ -189,12 +191,12 @@ class FusionT5Encoder(FusionInitMixin, T5Stack):
         Raises:
             FusionInputError: a modality missing, unexpected, of the wrong shape, or batch sizes differ.
         """
-        joins = self.config.fusion().as_mapping()
+        joins = self.joins
         expected = {name for names in joins.values() for name in names}
         missing, extra = expected - set(modalities), set(modalities) - expected
         if missing or extra:
             raise FusionInputError(
-                f"the fusion spec {self.config.fusion()} needs modalities {sorted(expected)}; "
+                f"the fusion spec {self.spec} needs modalities {sorted(expected)}; "
                 f"missing {sorted(missing) or 'none'}, unexpected {sorted(extra) or 'none'}"
             )
         first = next(iter(modalities.values()))

@@ -74,10 +74,6 @@ class ModalityAdapter(nn.Module):
         if isinstance(self.pool, AttentionPool):
             self.pool.reset_parameters(init=init)
 
-    def output_length(self, n: int) -> int:
-        """Tokens out for ``n`` tokens in."""
-        return self.pool.output_length(n)
-
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

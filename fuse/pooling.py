@@ -7,9 +7,20 @@ tokens and a ``(B, P)`` mask (``None`` when every output token is valid).
   near-equal size (token ``j`` of ``n`` goes to group ``floor(j * P / n)``) and reduce each group.
   Grouping by the sample's own valid count makes the result independent of how much padding the
   batch adds. With no mask and ``N`` divisible by ``P`` this is a plain reshape-and-reduce.
+  The groups are 1-D runs of the token order, which for a ViT is raster order: ViT-B/16's 196
+  patch tokens pooled to 14 give one average per *row* of the 14x14 grid (each a 1x14 strip), not
+  2-D windows (7x7 windows of 2x2 patches would be 49 tokens). This is the thesis' pooling over the
+  token sequence; a 2-D window pooling is not offered.
 - ``attention`` is Set Transformer's pooling by multihead attention (PMA, Lee et al. 2019) in the
-  form of timm's ``AttentionPoolLatent``: ``P`` learned queries attend over the tokens, followed by
-  a residual MLP.
+  form of timm's ``AttentionPoolLatent``: ``P`` learned queries attend over the tokens, then the
+  attention output is projected and a residual MLP with a LayerNorm in front is added
+  (``y + MLP(LN(y))``). So it is more than "learned queries attending over the tokens": it has
+  a per-token MLP of its own.
+
+Pooling runs on the adapter's output, after the projection to ``d_model``
+(:class:`fuse.modality.ModalityAdapter`): for ``mean`` that is the same as pooling first (the
+projection is linear), for ``max`` and ``attention`` it is not (the max and the attention are over
+projected features).
 """
 
 from __future__ import annotations
@@ -25,9 +36,6 @@ class NoPool(nn.Module):
     def __init__(self, dim: int, length: int | None = None, num_heads: int = 1) -> None:
         super().__init__()
 
-    def output_length(self, n: int) -> int:
-        return n
-
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -42,9 +50,6 @@ class _GroupPool(nn.Module):
     def __init__(self, dim: int, length: int, num_heads: int = 1) -> None:
         super().__init__()
         self.length = length
-
-    def output_length(self, n: int) -> int:
-        return self.length
 
     def _reduce_reshaped(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(2) if self.reduce == "mean" else x.amax(2)
@@ -125,9 +130,6 @@ class AttentionPool(nn.Module):
             init.zeros_(module.bias)
         init.ones_(self.norm.weight)
         init.zeros_(self.norm.bias)
-
-    def output_length(self, n: int) -> int:
-        return self.length
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None

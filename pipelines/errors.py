@@ -27,3 +27,15 @@ class MissingEmbeddingsError(PipelineError):
         self.modality = modality
         self.missing_ids = list(missing_ids)
         self.records = records
+
+
+class TrainingDiverged(PipelineError):
+    """The training loss stopped being finite (the last good checkpoint is kept)."""
+
+
+class SweepError(PipelineError):
+    """A sweep cannot run or be reported (bad grid, incompatible runs directory)."""
+
+
+class GridError(SweepError, ValueError):
+    """A grid point is impossible for the model or the cache; the message names the flag."""

@@ -1,4 +1,4 @@
-"""``fuse-quickstart``: the main job end to end on the built-in synthetic shapes data, on a CPU.
+"""The main job end to end on the built-in synthetic shapes data, on a CPU (``fuse-quickstart``).
 
 shapes images + questions (VQA v2 layout) -> ``embed`` (the shipped demo ViT) -> LMDB cache ->
 QA shards -> ``fuse-train --preset demo`` twice (image fused late; question only) -> a table.
@@ -6,23 +6,33 @@ Every stage skips what an earlier run of the same command finished, so a killed 
 """
 
 import json
-import logging
 import time
 from pathlib import Path
 
-import click
+from .train.config import TrainConfig
 
-from .train_config import TrainConfig
-
-DEMO_VIT = "vit_shapes_patch16_48"
+QUESTION_ONLY_LR = 2e-3  # the question-only model learns its answer priors in a few hundred steps at this rate
 
 
 def run_quickstart(out: Path, images: int, steps: int, question_only_steps: int, seed: int, echo) -> dict:
-    from embed import EmbedConfig, embed
+    """Data, embedding, shards, then the demo preset with the image fused and on the question alone.
 
-    from .shapes import write_shapes
-    from .shards import MANIFEST, write_qa_shards
-    from .train import train
+    Args:
+        out: the working folder; stages an earlier run finished are skipped.
+        images: synthetic images (5 questions each).
+        steps, question_only_steps: training steps of the fused and the question-only model.
+        seed: seeds the data, the split and both trainings.
+        echo: called with one progress line per stage.
+
+    Returns:
+        ``{"results": {"fused": ..., "question_only": ...}, "timings": {stage: seconds}}``.
+    """
+    from embed import EmbedConfig, embed
+    from embed.registry import DEMO_VIT
+
+    from .data.shapes import write_shapes
+    from .data.shards import MANIFEST, write_qa_shards
+    from .train.loop import train
 
     out.mkdir(parents=True, exist_ok=True)
     shapes, cache, qa = out / "shapes", out / "cache", out / "qa"
@@ -49,9 +59,7 @@ def run_quickstart(out: Path, images: int, steps: int, question_only_steps: int,
 
     results = {}
     demo = TrainConfig.resolve("demo")
-    # Each model at its best measured rate: the question-only model reaches its answer priors in a
-    # few hundred steps at 2e-3 (43.4% on 2,048 eval questions; 3,000 steps at the demo's 2.5e-4: 42.2%).
-    runs = (("fused", demo.fuse, steps, demo.lr), ("question_only", "0:question", question_only_steps, 2e-3))
+    runs = (("fused", demo.fuse, steps, demo.lr), ("question_only", "0:question", question_only_steps, QUESTION_ONLY_LR))
     for name, fuse, n, lr in runs:
         run = out / "runs" / name
         t = time.perf_counter()
@@ -69,6 +77,7 @@ def run_quickstart(out: Path, images: int, steps: int, question_only_steps: int,
 
 
 def table(out: Path, results: dict) -> str:
+    """The quickstart's closing table: both models' accuracy by answer type, the image's gain, where to look."""
     rows = [("model", "VQA acc", "exact", "yes/no", "number", "other", "steps/s", "run")]
     for name, label in (("fused", f"fused ({results['fused']['config']['fuse']})"), ("question_only", "question only")):
         r = results[name]
@@ -86,42 +95,3 @@ def table(out: Path, results: dict) -> str:
               f"checkpoint: {out / 'runs' / 'fused' / 'checkpoints' / 'best'}  (fuse-eval {out / 'runs' / 'fused'} --image "
               f"IMAGE --question TEXT)"]
     return "\n".join(lines)
-
-
-@click.command(context_settings={"show_default": True})
-@click.option("--out", type=click.Path(file_okay=False), default="quickstart", help="Working folder.")
-@click.option("--images", type=int, default=15000, help="Synthetic images (5 questions each).")
-@click.option("--steps", type=int, default=TrainConfig.resolve("demo").steps, help="Training steps of the fused model.")
-@click.option("--question-only-steps", type=int, default=500,
-              help="Steps of the question-only model (it learns the answer priors in a few hundred, at lr 2e-3).")
-@click.option("--seed", type=int, default=0)
-def main(out, images, steps, question_only_steps, seed):
-    """Run the main job end to end on the built-in shapes data and print accuracy with and without the image.
-
-    Stages: `vqa-data shapes`, `embed` (the shipped demo ViT), `vqa-data shards`, then `fuse-train
-    --preset demo` with the image and on the question alone. Rerunning skips finished stages.
-
-    Example:
-
-        fuse-quickstart --out quickstart
-    """
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    out = Path(out)
-    t = time.perf_counter()
-    from embed import EmbedError
-    from fuse import FusionConfigError
-    from store import StoreError
-
-    from .errors import PipelineError
-
-    try:
-        done = run_quickstart(out, images, steps, question_only_steps, seed, click.echo)
-    except (PipelineError, StoreError, EmbedError, FusionConfigError, ValueError, OSError) as e:
-        raise click.ClickException(str(e)) from None
-    click.echo("")
-    click.echo(table(out, done["results"]))
-    click.echo(f"total {time.perf_counter() - t:.0f} s")
-
-
-if __name__ == "__main__":
-    main()

@@ -333,10 +333,6 @@ class CacheReader:
             self._txn = self._open().begin(buffers=True)
         return self._txn
 
-    def get_bytes(self, image_id):
-        """The value's raw bytes (a buffer valid until the reader closes), or None."""
-        return self.txn.get(_key(image_id), db=self._db)
-
     def _bad_value(self, image_id, buf) -> StoreError:
         if buf is None:
             return MissingIdError(f"id {str(image_id)!r} is not in cache {self.path}")

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipelines.data.shapes import COLORS, make_image, render, write_shapes
+from pipelines.data.splits import split_records
+from pipelines.data.vqa import image_path, read_vqa
 from pipelines.errors import DatasetExistsError
-from pipelines.metric import question_only_baseline, vqa_accuracy
-from pipelines.shapes import COLORS, make_image, render, write_shapes
-from pipelines.splits import split_records
-from pipelines.vqa import image_path, read_vqa
+from pipelines.metrics.vqa import question_only_baseline, vqa_accuracy
 
 
 def digest(root):

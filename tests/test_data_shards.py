@@ -12,11 +12,16 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipelines.data_cli import cli
+from pipelines.cli.data import cli
+from pipelines.data.shapes import write_shapes
+from pipelines.data.shards import (
+    read_manifest,
+    shard_paths,
+    write_qa_shards,
+    write_shards,
+)
+from pipelines.data.stream import read_records
 from pipelines.errors import DatasetExistsError, PipelineError
-from pipelines.shapes import write_shapes
-from pipelines.shards import read_manifest, shard_paths, write_qa_shards, write_shards
-from pipelines.stream import read_records
 from store import CacheWriter
 
 
@@ -54,19 +59,6 @@ def test_an_image_is_cut_where_a_shard_is_full_and_scattered_records_still_strea
     assert [r["question_id"] for r in read_records(paths)] == [r["question_id"] for r in recs]
 
 
-def test_a_shard_of_the_older_format_is_named(tmp_path):
-    from store import AtomicShardWriter
-
-    with AtomicShardWriter(str(tmp_path / "old-%06d.tar")) as sink:
-        sink.write({"__key__": "1", "json": json.dumps(records(1)[0]).encode()})
-    with pytest.raises(PipelineError, match=r"old-000000.tar: sample 1: one record, not a list .*vqa-data shards"):
-        read_records([str(tmp_path / "old-000000.tar")])
-    with AtomicShardWriter(str(tmp_path / "bad-%06d.tar")) as sink:
-        sink.write({"__key__": "1", "json": json.dumps([{"question_id": 1}]).encode()})
-    with pytest.raises(PipelineError, match=r"bad-000000.tar: sample 1: record 0 has no image_id"):
-        read_records([str(tmp_path / "bad-000000.tar")])
-
-
 def test_an_exception_mid_write_leaves_only_whole_shards(tmp_path):
     with pytest.raises(RuntimeError, match="disk on fire"):
         write_shards(records(15) + [Poison()], tmp_path / "s-%06d.tar", shard_size=10)
@@ -78,7 +70,7 @@ def test_an_exception_mid_write_leaves_only_whole_shards(tmp_path):
 def test_a_killed_writer_leaves_only_whole_shards(tmp_path):
     code = (
         "import os, signal, sys; sys.path.insert(0, sys.argv[1])\n"
-        "from pipelines.shards import write_shards\n"
+        "from pipelines.data.shards import write_shards\n"
         "class Kill:\n"
         "    def keys(self): os.kill(os.getpid(), signal.SIGKILL)\n"
         "recs = [{'question_id': i, 'image_id': '1', 'question': 'q', 'answers': ['a'] * 10,\n"

@@ -4,9 +4,15 @@ import json
 
 import pytest
 
-from pipelines.splits import split_records
-from pipelines.vqa import (
-    QARecord, VQAFormatError, annotations_path, discover_splits, image_path, questions_path, read_split,
+from pipelines.data.splits import split_records
+from pipelines.data.vqa import (
+    QARecord,
+    VQAFormatError,
+    annotations_path,
+    discover_splits,
+    image_path,
+    questions_path,
+    read_split,
     read_vqa,
 )
 

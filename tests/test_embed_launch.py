@@ -18,10 +18,10 @@ import time
 import numpy as np
 import psutil
 import pytest
+from test_embed import config, model_args, read_all, tiny, write_images  # noqa: F401 (tiny: a fixture)
 
 from embed import embed
 from store import CacheReader, verify
-from test_embed import config, model_args, read_all, tiny, write_images  # noqa: F401 (tiny: a fixture)
 
 
 def free_port() -> int:

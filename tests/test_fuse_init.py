@@ -114,7 +114,7 @@ def test_demo_vit_starts_as_timm_vit_of_the_same_width():
     """The demo ViT (registered by this project) gets timm's own init: compared with timm's
     ``vit_tiny_patch16_224`` (same width and heads), family by family."""
     timm = pytest.importorskip("timm")
-    from embed.models import DEMO_VIT  # registers the demo ViT with timm
+    from embed.registry import DEMO_VIT  # registers the demo ViT with timm
 
     torch.manual_seed(0)
     demo = timm.create_model(DEMO_VIT, pretrained=False, num_classes=0)

@@ -4,8 +4,13 @@ import json
 
 import pytest
 
-from pipelines.metric import (
-    VQAScore, exact_match, normalize_answer, process_punctuation, question_only_baseline, target_answer,
+from pipelines.metrics.vqa import (
+    VQAScore,
+    exact_match,
+    normalize_answer,
+    process_punctuation,
+    question_only_baseline,
+    target_answer,
     vqa_accuracy,
 )
 

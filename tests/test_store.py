@@ -2,7 +2,6 @@
 
 import gc
 import json
-import multiprocessing as mp
 import os
 import sys
 import tarfile
@@ -12,8 +11,19 @@ import pytest
 import torch
 
 from store import (
-    AtomicShardWriter, CacheReader, CacheWriter, CorruptValueError, MetadataMismatch, MissingIdError,
-    NotACacheError, SchemaError, StoreError, ValueShapeError, export, merge, verify,
+    AtomicShardWriter,
+    CacheReader,
+    CacheWriter,
+    CorruptValueError,
+    MetadataMismatch,
+    MissingIdError,
+    NotACacheError,
+    SchemaError,
+    StoreError,
+    ValueShapeError,
+    export,
+    merge,
+    verify,
 )
 from store.format import DB_EMBEDDINGS, DB_META, META_KEY
 

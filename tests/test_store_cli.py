@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from test_store import SHAPE, corrupt_one_value, make_cache
 
 from store import CacheReader, CacheWriter
 from store.cli import cli
-from test_store import SHAPE, corrupt_one_value, make_cache
 
 
 def run(*args):

@@ -11,11 +11,17 @@ import pytest
 import torch
 import transformers
 
+from pipelines.data.shards import write_shards
+from pipelines.data.stream import (
+    StreamConfig,
+    check_stream,
+    eval_loader,
+    read_records,
+    train_loader,
+)
+from pipelines.data.tokens import ByteTokenizer, load_tokenizer
 from pipelines.errors import MissingEmbeddingsError
-from pipelines.metric import target_answer
-from pipelines.shards import write_shards
-from pipelines.stream import StreamConfig, check_stream, eval_loader, read_records, train_loader
-from pipelines.tokens import ByteTokenizer, load_tokenizer
+from pipelines.metrics.vqa import target_answer
 from store import CacheWriter, MetadataMismatch, MissingIdError
 
 SHAPE = (16, 32)

@@ -10,27 +10,20 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from embed import EmbedConfig, embed
-from pipelines.figures import make_figures
-from pipelines.shards import write_qa_shards
-from pipelines.shapes import write_shapes
-from pipelines.sweep import GridPoint, SweepConfig, plan, prepare_shards, run_sweep
-from pipelines.sweep_cli import main
-from pipelines.sweep_report import COLUMNS, RunRecord, pareto_front, report, summarise
-from pipelines.train import TrainingDiverged, train
+from pipelines.cli.sweep import main
+from pipelines.sweep.figures import make_figures
+from pipelines.sweep.plan import GridPoint, SweepConfig, plan
+from pipelines.sweep.report import COLUMNS, RunRecord, pareto_front, report, summarise
+from pipelines.sweep.run import prepare_shards, run_sweep
+from pipelines.train.loop import TrainingDiverged, train
 
 RUNS = ["f0-d1-pool_none-r0", "f0-d2-pool_none-r0", "f4-d1-pool_none-r0", "f4-d2-pool_none-r0"]
 SUMMARY = ("summary.json", "summary.csv", "summary.md")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_shapes(root / "shapes", images=40, seed=5)
-    embed(EmbedConfig(images=[str(root / "shapes" / "train2014")], out=str(root / "cache"),
-                      model="vit_shapes_patch16_48", pretrained=True, num_workers=0, progress=False))
-    write_qa_shards(root / "shapes", root / "qa", min_shards=2, seed=0)
-    return root
+def data(vqa_data):
+    return vqa_data(40, 5)
 
 
 def flags(data, out, *extra):
@@ -112,7 +105,7 @@ def test_a_rerun_redoes_only_what_is_missing(data, sweep, tmp_path, caplog):
     kept = {name: (out / "runs" / name / "results.json").stat().st_mtime_ns for name in (RUNS[0], RUNS[3])}
     assert [s for _, s, _ in plan(config(data, out))[1]] == ["finished", "broken", "todo", "finished"]
 
-    with caplog.at_level(logging.INFO, logger="pipelines.sweep"):
+    with caplog.at_level(logging.INFO, logger="pipelines.sweep.run"):
         summary = run_sweep(config(data, out))
     assert summary["ran"] == RUNS[1:3] and summary["redone"] == [RUNS[1]]
     assert summary["skipped"] == [RUNS[0], RUNS[3]]
@@ -131,7 +124,7 @@ def test_a_killed_run_goes_on_from_its_checkpoint_unless_its_settings_differ(dat
     point = next(p for p, _, _ in todo if p.name == name)
     train(dataclasses.replace(cfg.run_config(base, point), stop_at=5))  # what a run killed after step 5 leaves
     assert [s for p, s, _ in plan(cfg)[1] if p.name == name] == ["broken"]
-    with caplog.at_level(logging.INFO, logger="pipelines.sweep"):
+    with caplog.at_level(logging.INFO, logger="pipelines.sweep.run"):
         summary = run_sweep(cfg)
     assert summary["resumed"] == [name] and summary["redone"] == [] and summary["ran"] == [name]
     assert f"resume {name} from its last checkpoint: no results.json" in caplog.text
@@ -183,7 +176,7 @@ def test_a_diverged_run_is_recorded_then_kept_unless_retried(data, sweep, tmp_pa
     out = copy_of(sweep, tmp_path)
     shutil.rmtree(out / "runs" / RUNS[3])
 
-    def diverge(cfg):
+    def diverge(cfg, **kwargs):
         Path(cfg.out).mkdir(parents=True)
         raise TrainingDiverged("the loss became nan at step 3")
 
@@ -264,7 +257,7 @@ def test_pooling_figures_and_skipped_figures(tmp_path, caplog):
     records = [record(L, 2, pool, acc=0.3 + 0.05 * L + 0.01 * i, speed=1 + i, flops=(4 - L + 1) * 1e9 / (i + 1))
                for L in (0, 4) for i, pool in enumerate(["none", "mean:4", "mean:2", "attention:4"])]
     rows = summarise(records)
-    with caplog.at_level(logging.INFO, logger="pipelines.figures"):
+    with caplog.at_level(logging.INFO, logger="pipelines.sweep.figures"):
         written = make_figures(rows, records, tmp_path, encoder_layers=4, full_length=9)
     names = [p.name for p in written]
     assert "pooling_mean.png" in names and "pooling_attention.png" in names  # attention: 4 and 9 (unpooled)
@@ -273,7 +266,7 @@ def test_pooling_figures_and_skipped_figures(tmp_path, caplog):
     assert "figure accuracy_heatmap_pool_none skipped: the grid has 2 fusion layer(s) and 1 decoder depth(s)" in caplog.text
     one = [record(2, 1, "none")]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pipelines.figures"):
+    with caplog.at_level(logging.INFO, logger="pipelines.sweep.figures"):
         assert [p.name for p in make_figures(summarise(one), one, tmp_path / "one")] == ["curves.png"]
     assert "figure fusion_layer skipped: a single fusion layer (2)" in caplog.text
     assert "figure accuracy_vs_flops skipped: every grid point has the same FLOPs per step" in caplog.text

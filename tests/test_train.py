@@ -13,30 +13,21 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from embed import EmbedConfig, embed
-from pipelines.eval_cli import main as eval_main
-from pipelines.shards import write_qa_shards
-from pipelines.shapes import write_shapes
+from pipelines.cli.eval import main as eval_main
+from pipelines.cli.train import main as train_main
+from pipelines.data.shards import shard_paths
+from pipelines.data.stream import read_records
 from pipelines.errors import PipelineError
-from pipelines.shards import shard_paths
-from pipelines.stream import read_records
-from pipelines.train import TrainingDiverged, train
-from pipelines.train_cli import main as train_main
-from pipelines.train_config import TrainConfig
+from pipelines.train.config import TrainConfig
+from pipelines.train.loop import TrainingDiverged, train
 from store import CacheReader, CacheWriter
 
 DEMO_VIT = "vit_shapes_patch16_48"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    write_shapes(root / "shapes", images=60, seed=3)
-    summary = embed(EmbedConfig(images=[str(root / "shapes" / "train2014")], out=str(root / "cache"),
-                                model=DEMO_VIT, pretrained=True, num_workers=0, batch_size=64))
-    assert summary.embedded == 60 and summary.failed == 0
-    write_qa_shards(root / "shapes", root / "qa", min_shards=2, seed=0)
-    return root
+def data(vqa_data):
+    return vqa_data(60, 3)
 
 
 def tiny(data, out, **kw):
@@ -55,10 +46,11 @@ def test_short_run_learns_and_writes_every_artifact(data, tmp_path):
     r = train(tiny(data, tmp_path / "run", steps=120, eval_every=60, lr=1e-2))
     first, last = r["history"][0], r["history"][-1]
     # The majority answer of the training side, scored on the eval side: what a model that learned nothing gets.
-    from pipelines.metric import VQAScore, target_answer
-    from pipelines.stream import read_records
-    from pipelines.shards import shard_paths
     from collections import Counter
+
+    from pipelines.data.shards import shard_paths
+    from pipelines.data.stream import read_records
+    from pipelines.metrics.vqa import VQAScore, target_answer
 
     majority = Counter(target_answer(x["answers"]) for x in read_records(shard_paths(data / "qa", "train")))
     score = VQAScore()
@@ -121,7 +113,7 @@ def test_question_only_model_ignores_the_cache_values(data, tmp_path):
 
 
 def test_online_image_source_gives_the_cache_values(data):
-    from pipelines.online import ImageEmbedder, load_vit
+    from pipelines.data.online import ImageEmbedder, load_vit
 
     with CacheReader(data / "cache") as r:
         e = ImageEmbedder(load_vit(r.meta.producer), data / "shapes")
@@ -165,8 +157,8 @@ def test_fuse_eval_scores_a_checkpoint_and_answers_one_question(data, tmp_path):
     assert res.exit_code == 0, res.output
     answer = json.loads(res.output)["answer"]
     # The same question answered from the cache's value of that image.
-    from pipelines.eval_cli import load_checkpoint
-    from pipelines.tokens import decode_batch
+    from pipelines.data.tokens import decode_batch
+    from pipelines.train.checkpoint import load_checkpoint
 
     model, run, tokenizer, _ = load_checkpoint(tmp_path / "run")
     assert model.encoder.adapters["image"].position_embedding.shape == (9, 32)  # reloaded with its positions
@@ -181,16 +173,27 @@ def cli(*args):
     return CliRunner().invoke(train_main, [str(a) for a in args])
 
 
+def usage_error(r) -> str:
+    """The message of a usage error (exit 2): click prints the usage line first."""
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("Usage: ")
+    return r.output.rsplit("\n\n", 1)[-1]
+
+
 def test_cli_errors(data, tmp_path):
     base = ["--shards", data / "qa", "--t5", "tiny", "--tokenizer", "words", "--steps", "2", "--out", tmp_path / "x"]
+    # Settings wrong as given exit 2, whether the config or the model finds them.
     r = cli(*base, "--cache", f"image={data / 'cache'}", "--fuse", "0:question 5:image")
-    assert (r.exit_code, r.output) == (1, "Error: --fuse 5:image: the encoder has 4 layers (0..4)\n")
+    assert usage_error(r) == "Error: --fuse 5:image: the encoder has 4 layers (0..4)\n"
     r = cli(*base, "--cache", f"image={data / 'cache'}", "--fuse", "0:question 1:audio")
-    assert r.exit_code == 1 and r.output == "Error: --fuse 0:question 1:audio: modality 'audio' has no --cache audio=PATH\n"
+    assert usage_error(r) == "Error: --fuse 0:question 1:audio: modality 'audio' has no --cache audio=PATH\n"
     r = cli(*base, "--cache", f"image={data / 'cache'}", "--eval-limit", "-1")
-    assert (r.exit_code, r.output) == (1, "Error: --eval-limit -1: must be 0 (all) or a positive integer\n")
+    assert usage_error(r) == "Error: --eval-limit -1: must be 0 (all) or a positive integer\n"
     r = cli(*base, "--cache", f"image={data / 'cache'}", "--positions", "question")
-    assert (r.exit_code, r.output) == (1, "Error: --positions question: not a vector modality of --fuse 0:question 0:image\n")
+    assert usage_error(r) == "Error: --positions question: not a vector modality of --fuse 0:question 0:image\n"
+    r = cli(*base, "--cache", f"image={data / 'cache'}", "--clip", "-1")
+    assert usage_error(r) == "Error: --clip -1.0: must be a number >= 0 (0: off)\n"
+    # What is found wrong in the data exits 1.
     # A cache that lacks most images.
     with CacheReader(data / "cache") as src, CacheWriter(tmp_path / "partial", shape=src.meta.shape,
                                                          producer=src.meta.producer) as w:
@@ -228,7 +231,7 @@ def test_two_process_accelerate_launch(data, tmp_path):
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(free_port()), "-m", "pipelines.train_cli",
+           str(free_port()), "-m", "pipelines.cli.train",
            "--shards", str(data / "qa"), "--cache", f"image={data / 'cache'}", "--t5", "tiny", "--tokenizer", "words",
            "--steps", "4", "--eval-every", "4", "--batch-size", "8", "--num-workers", "0", "--out", str(tmp_path / "ddp"),
            "--json"]
@@ -236,18 +239,18 @@ def test_two_process_accelerate_launch(data, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads((tmp_path / "ddp/results.json").read_text())
     assert results["num_processes"] == 2 and results["steps"] == 4
-    n_eval = sum(1 for _ in __import__("pipelines.stream", fromlist=["read_records"]).read_records(
-        __import__("pipelines.shards", fromlist=["shard_paths"]).shard_paths(data / "qa", "eval")))
+    n_eval = sum(1 for _ in __import__("pipelines.data.stream", fromlist=["read_records"]).read_records(
+        __import__("pipelines.data.shards", fromlist=["shard_paths"]).shard_paths(data / "qa", "eval")))
     assert results["last"]["count"] == n_eval  # every eval question scored once across both processes
 
 
 def test_config_file_errors_and_flags_override_it(tmp_path):
     (tmp_path / "bad.json").write_text('{"steps": 3,}')
     r = CliRunner().invoke(train_main, ["--config", str(tmp_path / "bad.json"), "--shards", str(tmp_path)])
-    assert r.exit_code == 1 and r.output.startswith(f"Error: --config {tmp_path / 'bad.json'}: not valid JSON (")
+    assert usage_error(r).startswith(f"Error: --config {tmp_path / 'bad.json'}: not valid JSON (")
     (tmp_path / "bad.yaml").write_text("steps: [1\n")
     r = CliRunner().invoke(train_main, ["--config", str(tmp_path / "bad.yaml"), "--shards", str(tmp_path)])
-    assert r.exit_code == 1 and r.output.startswith(f"Error: --config {tmp_path / 'bad.yaml'}: not valid YAML (")
+    assert usage_error(r).startswith(f"Error: --config {tmp_path / 'bad.yaml'}: not valid YAML (")
     (tmp_path / "ok.yaml").write_text("steps: 7\nlr: 0.5\n")
     cfg = TrainConfig.resolve("demo", str(tmp_path / "ok.yaml"), lr=0.25)
     assert (cfg.steps, cfg.lr, cfg.fuse) == (7, 0.25, "0:question 4:image")
@@ -255,4 +258,4 @@ def test_config_file_errors_and_flags_override_it(tmp_path):
                                  ("--stop-at", "-3", "must be a positive integer"),
                                  ("--warmup", "-0.1", "must be a fraction of the steps (< 1) or a number of steps")):
         r = CliRunner().invoke(train_main, ["--preset", "demo", "--shards", str(tmp_path), flag, value])
-        assert (r.exit_code, r.output) == (1, f"Error: {flag} {float(value) if flag == '--warmup' else value}: {message}\n")
+        assert usage_error(r) == f"Error: {flag} {float(value) if flag == '--warmup' else value}: {message}\n"

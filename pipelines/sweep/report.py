@@ -10,7 +10,7 @@ Finished runs are grouped by grid point (fusion layer, decoder layers, pooling) 
 run's saved config, not from its folder name — and averaged over repeats (mean and sample standard
 deviation). Broken and failed runs are listed, never averaged in. The summary goes to
 ``summary.json`` / ``summary.csv`` / ``summary.md`` and the figures to ``figures/``
-(:mod:`pipelines.figures`). Accuracies in the summary are percentages (the thesis' unit).
+(:mod:`pipelines.sweep.figures`). Accuracies in the summary are percentages (the thesis' unit).
 """
 
 import csv
@@ -18,36 +18,24 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fuse import PRESETS, FusionConfigError, FusionSpec, coerce_pools
+from fuse import T5_PRESETS, FusionConfigError, FusionSpec, coerce_pools
 
-from .errors import PipelineError
-from .train_config import TEXT
+from ..errors import SweepError
+from ..files import write_atomic
+from ..train.config import TEXT
+from .grid import FAILED, FIGURES, RESULTS, RUNS, point_key
 
 log = logging.getLogger(__name__)
-
-RUNS = "runs"
-RESULTS = "results.json"
-FAILED = "failed.json"
-FIGURES = "figures"
 
 # Columns of summary.csv, in order (also the keys of summary.json's "points").
 COLUMNS = ("fuse_layer", "decoder_layers", "pool", "pool_type", "pool_length", "repeats",
            "best_accuracy_pct", "best_accuracy_pct_std", "last_accuracy_pct", "last_accuracy_pct_std",
            "steps_per_s", "steps_per_s_std", "samples_per_s", "params", "flops_per_step", "pareto", "runs")
-
-
-class SweepError(PipelineError):
-    """A sweep cannot run or be reported (bad grid, incompatible runs directory)."""
-
-
-class GridError(SweepError, ValueError):
-    """A grid point is impossible for the model or the cache; the message names the flag."""
 
 
 class BrokenRun(Exception):
@@ -77,17 +65,6 @@ class RunRecord:
 
     def key(self) -> tuple:
         return (self.fuse_layer, self.decoder_layers, self.pool)
-
-
-def pool_sort_key(pool: str) -> tuple:
-    """``none`` first, then by type and length."""
-    kind, _, length = pool.partition(":")
-    return (kind != "none", kind, int(length) if length else 0)
-
-
-def point_key(key: tuple) -> tuple:
-    fuse_layer, decoder_layers, pool = key
-    return (fuse_layer, -1 if decoder_layers is None else decoder_layers, pool_sort_key(pool))
 
 
 def swept_modality(config: dict) -> str:
@@ -164,7 +141,7 @@ def _architecture(run_dir: Path, config: dict, modality: str) -> tuple:
         model = json.loads((run_dir / "checkpoints" / "last" / "config.json").read_text())
         return model.get("num_layers"), (model.get("modality_lengths") or {}).get(modality)
     except (OSError, ValueError, AttributeError):
-        return PRESETS.get(config.get("t5"), {}).get("num_layers"), None
+        return T5_PRESETS.get(config.get("t5"), {}).get("num_layers"), None
 
 
 def read_failure(run_dir: Path) -> str | None:
@@ -301,12 +278,6 @@ def _csv(rows: list) -> str:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _common(values):
     """The one value all runs share, else None."""
     values = set(values)
@@ -343,9 +314,9 @@ def report(runs_dir, figures: bool = True) -> dict:
             for r in sorted(records, key=lambda r: r.name)]
     summary = {"runs_dir": str(runs_dir), "finished": len(records), "points": rows, "runs": runs,
                "failed": failed, "broken": broken, "figures": written}
-    _write_atomic(runs_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    _write_atomic(runs_dir / "summary.csv", _csv(rows))
-    _write_atomic(runs_dir / "summary.md", _markdown(summary))
+    write_atomic(runs_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(runs_dir / "summary.csv", _csv(rows))
+    write_atomic(runs_dir / "summary.md", _markdown(summary))
     log.info("summary of %d finished run(s) in %d grid point(s): %s", len(records), len(rows),
              runs_dir / "summary.md")
     return summary

@@ -17,7 +17,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import VQAFormatError
+from ..errors import VQAFormatError
 
 ANSWERS_PER_QUESTION = 10
 _QUESTIONS_RE = re.compile(r"^v2_OpenEnded_mscoco_(\w+?)2014_questions\.json$")

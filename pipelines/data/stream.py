@@ -9,7 +9,7 @@ DataLoader workers::
     with missing ids, if allowed] -> batch: tokenize, pad
 
 and attaches each vector modality's cache values by id in the loading process, one copy from the
-cache's memory map into the batch (why there and not in the workers: :mod:`pipelines.batch`).
+cache's memory map into the batch (why there and not in the workers: :mod:`pipelines.data.batch`).
 Every stage is a module-level function or class, so the pipeline pickles into spawned workers; a
 :class:`store.CacheReader` travels as its path and opens read-only, lazily, in each process.
 
@@ -22,7 +22,7 @@ stream, each worker drawing shards with replacement, and count steps.
 
 Eval (:func:`eval_loader`) reads its records once, in shard order, into a list; rank r of W takes
 records r, r+W, r+2W, ... (ranks differ by at most one record, none is read twice, and sums such as
-:meth:`pipelines.metric.VQAScore.state` combine exactly), and a map-style ``DataLoader`` keeps that
+:meth:`pipelines.metrics.vqa.VQAScore.state` combine exactly), and a map-style ``DataLoader`` keeps that
 order whatever the number of workers.
 
 A batch is a dict:
@@ -39,7 +39,7 @@ key                type                         what
 ``question_id``    int64 tensor (B,)
 ``image_id``       list of B str
 ``question``       list of B str
-``answers``        list of B lists of 10 str    for :class:`pipelines.metric.VQAScore`
+``answers``        list of B lists of 10 str    for :class:`pipelines.metrics.vqa.VQAScore`
 ``answer_type``    list of B str
 ``question_type``  list of B str                the official question type ("" if none)
 ``target``         list of B str                the most frequent answer (the labels' text)
@@ -58,8 +58,15 @@ from webdataset.utils import make_seed, pytorch_worker_info
 
 from store import CacheReader
 
-from .batch import DEFAULT_ID_FIELD, AttachVectors, Collate, DropMissing, VectorLoader, as_is
-from .errors import PipelineError
+from ..errors import PipelineError
+from .batch import (
+    DEFAULT_ID_FIELD,
+    AttachVectors,
+    Collate,
+    DropMissing,
+    VectorLoader,
+    as_is,
+)
 from .preflight import PreflightReport, preflight
 
 log = logging.getLogger(__name__)
@@ -142,13 +149,10 @@ def decode_json(key: str, data: bytes):
 
 
 def parse_records(sample: dict) -> list:
-    """A decoded tar sample -> its QA record dicts (one image's questions: :mod:`pipelines.shards`),
+    """A decoded tar sample -> its QA record dicts (one image's questions: :mod:`pipelines.data.shards`),
     each checked for the fields the stream needs."""
     recs = sample.get("json")
     where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
-    if isinstance(recs, dict):
-        raise PipelineError(f"{where}: one record, not a list (shards of format version 1): "
-                            "write them again with `vqa-data shards`")
     if not isinstance(recs, list):
         raise PipelineError(f"{where}: no JSON list of records")
     for i, rec in enumerate(recs):
@@ -207,19 +211,43 @@ def read_records(shards) -> list:
     return list(pipe)
 
 
-def check_stream(config: StreamConfig) -> PreflightReport:
+def check_stream(config: StreamConfig, readers: dict | None = None) -> PreflightReport:
     """The pre-flight check of a config: caches match their expectations, every id is present.
 
     Call it once before training; the training stream then skips (``allow_missing``) or fails on
     missing ids it meets.
+
+    Args:
+        config: the side to check.
+        readers: the caches, as :func:`open_caches` returns them (opened here if ``None``).
     """
-    return preflight(read_records(config.shards), open_caches(config), config.id_fields,
+    return preflight(read_records(config.shards), readers or open_caches(config), config.id_fields,
                      config.allow_missing)
+
+
+def check_shards(shard_dir, caches: dict, expect: dict | None = None) -> dict:
+    """The pre-flight check of both sides of a shard folder (``vqa-data check``).
+
+    Returns:
+        ``{"train": {"records", "missing"}, "eval": {...}}`` (see :class:`PreflightReport`).
+
+    Raises:
+        MissingEmbeddingsError, store.MetadataMismatch: as :func:`check_stream`.
+    """
+    from .shards import shard_paths
+
+    report, readers = {}, None
+    for side in ("train", "eval"):
+        config = StreamConfig(shards=shard_paths(shard_dir, side), caches=caches, expect=expect or {})
+        readers = readers or open_caches(config)
+        r = check_stream(config, readers)
+        report[side] = {"records": r.records, "missing": r.missing}
+    return report
 
 
 # ---- training -------------------------------------------------------------------------------------
 
-def train_pipeline(config: StreamConfig, epoch: int = 0) -> wds.DataPipeline:
+def train_pipeline(config: StreamConfig, epoch: int = 0, readers: dict | None = None) -> wds.DataPipeline:
     """The workers' part of the training stream: a ``wds.DataPipeline`` of :class:`Collate` batches
     (tokens, ids; no cache values yet: :func:`train_loader` attaches them). Rebuild it, or pass
     ``epoch``, per epoch: the shard order and the shuffle depend on it.
@@ -227,7 +255,6 @@ def train_pipeline(config: StreamConfig, epoch: int = 0) -> wds.DataPipeline:
     Raises:
         store.MetadataMismatch, store.NotACacheError: see :func:`open_caches`.
     """
-    readers = open_caches(config)
     epoch_seed = make_seed(config.seed, epoch)
     if config.resample:
         source = [wds.ResampledShards(config.shards, seed=epoch_seed, deterministic=True)]
@@ -245,20 +272,27 @@ def train_pipeline(config: StreamConfig, epoch: int = 0) -> wds.DataPipeline:
         wds.map(parse_records),  # one image's records
         unlisted(),  # -> records
         Shuffle(config.shuffle_buffer, config.seed, epoch),
-        DropMissing(readers, config.id_fields) if config.allow_missing else None,  # None: no stage
+        DropMissing(readers or open_caches(config), config.id_fields) if config.allow_missing else None,  # None: no stage
         wds.batched(config.batch_size, collation_fn=make_collate(config), partial=True),
     )
 
 
-def train_loader(config: StreamConfig, epoch: int = 0, **loader_kw) -> VectorLoader:
+def train_loader(config: StreamConfig, epoch: int = 0, readers: dict | None = None, **loader_kw) -> VectorLoader:
     """Training batches (see the module docstring): :func:`train_pipeline` in ``num_workers``
-    DataLoader workers, the cache values attached in this process."""
+    DataLoader workers, the cache values attached in this process.
+
+    Args:
+        config, epoch: see :func:`train_pipeline`.
+        readers: the caches, as :func:`open_caches` returns them (opened here if ``None``); a run
+            opens them once and passes them to every epoch's loader.
+    """
+    readers = readers or open_caches(config)
     kw = {"num_workers": config.num_workers, **loader_kw}
     if kw["num_workers"] > 0:
         kw.setdefault("prefetch_factor", 4)
-    loader = torch.utils.data.DataLoader(train_pipeline(config, epoch), batch_size=None, collate_fn=as_is,
-                                         **kw)
-    return VectorLoader(loader, AttachVectors(open_caches(config)))
+    loader = torch.utils.data.DataLoader(train_pipeline(config, epoch, readers), batch_size=None,
+                                         collate_fn=as_is, **kw)
+    return VectorLoader(loader, AttachVectors(readers))
 
 
 # ---- eval -----------------------------------------------------------------------------------------
@@ -278,15 +312,16 @@ class EvalDataset(torch.utils.data.Dataset):
         return self.records[i]
 
 
-def eval_loader(config: StreamConfig, rank: int = None, world_size: int = None, **loader_kw) -> VectorLoader:
+def eval_loader(config: StreamConfig, rank: int | None = None, world_size: int | None = None,
+                readers: dict | None = None, **loader_kw) -> VectorLoader:
     """Fixed-order eval batches of this rank: no shuffling, no resampling, each record once.
 
     The records pass the pre-flight check first: missing ids raise, or (``allow_missing``) their
-    records are dropped and counted.
+    records are dropped and counted. ``readers``: see :func:`train_loader`.
     """
     if rank is None or world_size is None:
         rank, world_size = rank_info()
-    readers = open_caches(config)
+    readers = readers or open_caches(config)
     report = preflight(read_records(config.shards), readers, config.id_fields, config.allow_missing)
     loader = torch.utils.data.DataLoader(EvalDataset(report.kept, rank, world_size),
                                          batch_size=config.batch_size, shuffle=False,

@@ -3,10 +3,10 @@
 The values are looked up where the batch is consumed, not in the workers. The cache is a memory
 map of the page cache, so this process can copy each value once, straight into the batch array;
 looked up in a worker, a value would be copied into the worker, then into a fresh shared-memory
-segment per batch (with a page fault per 4 KiB), then mapped here. Measured on the 2-core dev VM
-(``bench/stream_bench.py``, 196x768 float16, batch 64, 2 workers), when this was decided: 1,900
-samples/s with the lookup in the workers, 10,000 with the lookup here. Workers still open the caches, lazily, to drop
-records with missing ids when that is allowed (:class:`DropMissing`).
+segment per batch (with a page fault per 4 KiB), then mapped here: 1,900 samples/s against 10,000
+on the 2-core dev VM (``bench/stream_bench.py``, 196x768 float16, batch 64, 2 workers). Workers
+still open the caches, lazily, to drop records with missing ids when that is allowed
+(:class:`DropMissing`).
 """
 
 import logging
@@ -21,8 +21,8 @@ import torch
 
 from store import CorruptValueError, MissingIdError
 
-from .errors import PipelineError
-from .metric import target_answer
+from ..errors import PipelineError
+from ..metrics.vqa import target_answer
 from .tokens import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -65,13 +65,13 @@ class Collate:
     def __init__(self, modalities: dict, tokenizer: str = "byt5", max_question_len: int = 128,
                  max_answer_len: int = 32):
         self.modalities = dict(modalities)  # modality -> record id field
-        self.spec, self.max_question_len, self.max_answer_len = tokenizer, max_question_len, max_answer_len
+        self.tokenizer_name, self.max_question_len, self.max_answer_len = tokenizer, max_question_len, max_answer_len
         self._tokenizer = None
 
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.spec)
+            self._tokenizer = load_tokenizer(self.tokenizer_name)
         return self._tokenizer
 
     def __getstate__(self):

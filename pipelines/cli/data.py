@@ -7,24 +7,16 @@ import sys
 
 import click
 
-from store import StoreError
-
-from .errors import PipelineError
-
-log = logging.getLogger(__name__)
+from .common import cli_errors, parse_caches, setup_logging
 
 
 def _fail_cleanly(fn):
-    """Library errors become one line on stderr and exit status 1."""
+    """Bad settings exit 2 (usage), library errors 1, each with one line on stderr."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
+        with cli_errors():
             return fn(*args, **kwargs)
-        except (PipelineError, StoreError, OSError) as e:
-            raise click.ClickException(str(e)) from None
-        except ValueError as e:  # config validation: names the flag
-            raise click.UsageError(str(e)) from None
 
     return wrapper
 
@@ -41,8 +33,7 @@ def cli(verbose):
         vqa-data shapes data/shapes --images 2000
         vqa-data shards data/shapes data/qa
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(logging.INFO if verbose else logging.WARNING)
 
 
 @cli.command()
@@ -66,20 +57,16 @@ def shapes(out, images, seed, size, questions_per_image, split):
     \b
         vqa-data shapes data/shapes --images 2000 --seed 0
     """
-    from .metric import question_only_baseline
-    from .shapes import write_shapes
-    from .splits import split_records
-    from .vqa import read_split
+    from ..data.shapes import held_out_baseline, write_shapes
 
     with click.progressbar(length=images, label="images", file=sys.stderr) as bar:
         summary = write_shapes(out, images=images, seed=seed, size=size, split=split,
                                questions_per_image=questions_per_image, progress=bar.update)
     line = (f"wrote {summary['images']} images, {summary['questions']} questions to {out} "
             f"({', '.join(f'{k}: {v}' for k, v in summary['answer_types'].items())})")
-    records = read_split(out, split, check_images=False)
-    if len({r.image_id for r in records}) >= 2:
-        train, evals = split_records(records, seed=seed)
-        line += f"; question-only baseline {100 * question_only_baseline(train, evals):.1f}%"
+    baseline = held_out_baseline(out, split, seed)
+    if baseline is not None:
+        line += f"; question-only baseline {100 * baseline:.1f}%"
     click.echo(line)
 
 
@@ -105,7 +92,7 @@ def shards(vqa_dir, out, split_by, seed, eval_fraction, shard_size, splits, no_c
     \b
         vqa-data shards data/shapes data/qa --split-by image --seed 0
     """
-    from .shards import write_qa_shards
+    from ..data.shards import write_qa_shards
 
     manifest = write_qa_shards(vqa_dir, out, split_by=split_by, seed=seed, eval_fraction=eval_fraction,
                                shard_size=shard_size, splits=splits.split(",") if splits else None,
@@ -113,19 +100,6 @@ def shards(vqa_dir, out, split_by, seed, eval_fraction, shard_size, splits, no_c
     t, e = manifest["train"], manifest["eval"]
     click.echo(f"train: {t['count']} questions, {t['images']} images, {len(t['shards'])} shards; "
                f"eval: {e['count']} questions, {e['images']} images, {len(e['shards'])} shards -> {out}")
-
-
-def parse_caches(values) -> dict:
-    """``--cache MODALITY=PATH`` options (shared by every CLI that reads caches) -> ``{modality: path}``."""
-    caches = {}
-    for item in values:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise click.UsageError(f"--cache {item}: expected MODALITY=PATH, e.g. --cache image=runs/cache")
-        if name in caches:
-            raise click.UsageError(f"--cache {item}: modality '{name}' given twice")
-        caches[name] = path
-    return caches
 
 
 @cli.command()
@@ -147,19 +121,14 @@ def check(shard_dir, caches, expect, as_json):
     \b
         vqa-data check data/qa --cache image=cache/ --expect '{"image": {"shape": [196, 768]}}'
     """
-    from .shards import shard_paths
-    from .stream import StreamConfig, check_stream
+    from ..data.stream import check_shards
 
     try:
         expect = json.loads(expect) if expect else {}
     except ValueError as e:
         raise click.UsageError(f"--expect: not valid JSON ({e})") from None
     caches = parse_caches(caches)
-    report = {}
-    for side in ("train", "eval"):
-        config = StreamConfig(shards=shard_paths(shard_dir, side), caches=caches, expect=expect)
-        r = check_stream(config)
-        report[side] = {"records": r.records, "missing": r.missing}
+    report = check_shards(shard_dir, caches, expect)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

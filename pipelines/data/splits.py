@@ -19,7 +19,7 @@ def split_records(records, by: str = "image", eval_fraction: float = 0.2, seed: 
     """Split records into ``(train, eval)``.
 
     Args:
-        records: :class:`~pipelines.vqa.QARecord` s or dicts with ``image_id`` and ``question_id``.
+        records: :class:`~pipelines.data.vqa.QARecord` s or dicts with ``image_id`` and ``question_id``.
         by: ``image`` or ``question``.
         eval_fraction: share of the images (or questions) that go to eval, rounded to a whole number,
             at least one on each side.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from .sweep_report import pool_sort_key
+from .grid import pool_sort_key
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +267,8 @@ def make_figures(rows: list, records: list, out, encoder_layers: int | None = No
     """Draw every figure the grid allows into ``out``; returns the paths written.
 
     Args:
-        rows: the summary rows (:func:`pipelines.sweep_report.summarise`).
-        records: the finished runs (:class:`pipelines.sweep_report.RunRecord`), for the curves.
+        rows: the summary rows (:func:`pipelines.sweep.report.summarise`).
+        records: the finished runs (:class:`pipelines.sweep.report.RunRecord`), for the curves.
         encoder_layers: the encoder's depth, to mark late fusion on the axes (None: unmarked).
         full_length: the image's token count without pooling (the "none" point of the pooling figures).
     """

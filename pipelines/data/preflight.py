@@ -3,8 +3,8 @@
 import logging
 from dataclasses import dataclass
 
+from ..errors import MissingEmbeddingsError
 from .batch import DEFAULT_ID_FIELD
-from .errors import MissingEmbeddingsError
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""A synthetic VQA dataset of coloured shapes, written in exactly the VQA v2 layout (:mod:`pipelines.vqa`).
+"""A synthetic VQA dataset of coloured shapes, written in exactly the VQA v2 layout (:mod:`pipelines.data.vqa`).
 
 Each image is a small canvas (default 96x96 RGB JPEG) cut into a 3x3 grid; 2 to 6 objects sit in
 distinct cells, each with a distinct (colour, shape) pair, so that "the red circle" names one object.
@@ -34,14 +34,16 @@ dataset of N images is a prefix of one of 2N images. Image ids start at 1 (COCO 
 
 import io
 import json
-import os
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .errors import DatasetExistsError
-from .vqa import annotations_path, image_dir, image_name, questions_path
+from ..errors import DatasetExistsError
+from ..files import write_atomic
+from ..metrics.vqa import question_only_baseline
+from .splits import split_records
+from .vqa import annotations_path, image_dir, image_name, questions_path, read_split
 
 COLORS = {
     "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 90, 235), "yellow": (240, 220, 40),
@@ -210,13 +212,6 @@ def make_image(seed: int, index: int, questions_per_image: int = 5):
     return objects, image_id, qas
 
 
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
 def write_shapes(out, images: int = 2000, seed: int = 0, size: int = 96, split: str = "train",
                  questions_per_image: int = 5, progress=None) -> dict:
     """Write the dataset to ``out`` in the VQA v2 layout.
@@ -271,7 +266,17 @@ def write_shapes(out, images: int = 2000, seed: int = 0, size: int = 96, split: 
             "images": images, "size": size, "questions_per_image": questions_per_image}
     common = {"info": info, "license": {"name": "CC0"}, "data_type": "mscoco",
               "data_subtype": f"{split}2014"}
-    _write_json_atomic(apath, {**common, "annotations": annotations})
-    _write_json_atomic(qpath, {**common, "task_type": "Open-Ended", "questions": questions})
+    write_atomic(apath, json.dumps({**common, "annotations": annotations}))
+    write_atomic(qpath, json.dumps({**common, "task_type": "Open-Ended", "questions": questions}))
     return {"images": images, "questions": len(questions), "answer_types": dict(sorted(types.items())),
             "root": str(out)}
+
+
+def held_out_baseline(vqa_dir, split: str = "train", seed: int = 0) -> float | None:
+    """The question-only baseline of a dataset: VQA accuracy of answering from the question text
+    alone, fitted on 80% of the images and scored on the rest (``None`` with fewer than 2 images)."""
+    records = read_split(vqa_dir, split, check_images=False)
+    if len({r.image_id for r in records}) < 2:
+        return None
+    train, evals = split_records(records, seed=seed)
+    return question_only_baseline(train, evals)

@@ -1,30 +1,23 @@
-"""``fuse-sweep``: the thesis' experiments as one command — a training per grid point, then the
-summary and figures (:mod:`pipelines.sweep_report`, :mod:`pipelines.figures`).
+"""What a sweep is and what is left of it: :class:`SweepConfig`, the grid's checks and :func:`plan`.
 
 A grid point is a fusion layer L of the swept modality (``--fuse "0:question L:image"``), a decoder
-depth, a pooling setting and a repeat index (seed = base seed + repeat). The runs go one after the
-other in this process, each through :func:`pipelines.train.train`, into ``RUNS_DIR/runs/<name>/``
-(``f3-d2-pool_none-r0``). A rerun skips finished runs (whole ``results.json`` with the same
-settings), keeps failed ones (``failed.json``: the loss diverged) unless asked to retry, continues
-broken ones (a folder without a whole ``results.json``: killed mid-run) from their last checkpoint
-when they were started with the same settings and redoes the others, so a sweep survives being
-killed. Every grid point is checked against the model and the cache before any training.
+depth, a pooling setting and a repeat index (seed = base seed + repeat), trained into
+``RUNS_DIR/runs/<name>/`` (``f3-d2-pool_none-r0``) by :func:`pipelines.sweep.run.run_sweep`. Every
+grid point is checked against the model and the cache before any training; :func:`plan` says which
+runs are finished, failed, broken or still to do.
 """
 
 import dataclasses
 import json
-import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fuse import PRESETS as T5_PRESETS
-from fuse import FusionConfigError, PoolSpec
+from fuse import T5_PRESETS, FusionConfigError, PoolSpec
 
-from .sweep_report import FAILED, RESULTS, RUNS, GridError, SweepError, classify, report
-from .train_config import TEXT, TrainConfig
-
-log = logging.getLogger(__name__)
+from ..errors import GridError, SweepError
+from ..train.config import TEXT, TrainConfig
+from .grid import RUNS, GridPoint
+from .report import RESULTS, classify
 
 # Named grids; flags given on the command line override their values.
 GRIDS = {
@@ -38,20 +31,6 @@ GRIDS = {
 # Settings that name where a run's files go or how it is shown, not what it computes: they may
 # differ between a finished run and its rerun.
 _NOT_SETTINGS = ("out", "progress", "overwrite", "resume", "stop_at")
-
-
-@dataclass(frozen=True)
-class GridPoint:
-    """One training of the sweep."""
-
-    fuse_layer: int
-    decoder_layers: int
-    pool: str  # "none" or "TYPE:LENGTH"
-    repeat: int
-
-    @property
-    def name(self) -> str:
-        return f"f{self.fuse_layer}-d{self.decoder_layers}-pool_{self.pool.replace(':', '')}-r{self.repeat}"
 
 
 @dataclass
@@ -266,91 +245,3 @@ def plan(cfg: SweepConfig) -> tuple:
         status, reason, _ = classify(run_dir) if run_dir.exists() else ("todo", "", None)
         todo.append((point, status, reason))
     return base, todo
-
-
-def prepare_shards(cfg: SweepConfig) -> None:
-    """``--vqa``: write ``out/qa`` from the VQA folder unless a finished one is there."""
-    from .shards import MANIFEST, write_qa_shards
-
-    qa = Path(cfg.out) / "qa"
-    if (qa / MANIFEST).is_file():
-        log.info("shards: reusing %s", qa)
-        return
-    if qa.exists():
-        log.warning("shards: %s is incomplete (no %s): writing it again", qa, MANIFEST)
-        shutil.rmtree(qa)
-    manifest = write_qa_shards(cfg.vqa, qa)
-    log.info("shards: %d train / %d eval questions from %s -> %s", manifest["train"]["count"],
-             manifest["eval"]["count"], cfg.vqa, qa)
-
-
-def run_sweep(cfg: SweepConfig, train_fn=None, planned: tuple = None) -> dict:
-    """Run every unfinished grid point, then write the summary and figures.
-
-    A broken run (killed, or still running elsewhere) goes on from its last checkpoint when
-    :func:`resumable`; otherwise it is deleted and done again, as is a failed one with
-    ``retry_failed``.
-
-    Args:
-        cfg: the sweep.
-        train_fn: the training function (default :func:`pipelines.train.train`).
-        planned: what :func:`plan` returned for ``cfg``, if the caller has it already.
-
-    Returns:
-        The summary (:func:`pipelines.sweep_report.report`) with ``ran``, ``skipped``, ``resumed``,
-        ``redone`` and ``newly_failed`` (run names) added.
-
-    Raises:
-        GridError, ValueError: an impossible grid point or setting, before any training.
-        SweepError: the runs directory holds runs with other settings.
-        PipelineError, store.StoreError: the data or cache cannot be read.
-    """
-    from .stream import check_stream
-    from .train import TrainingDiverged, stream_configs
-
-    if train_fn is None:
-        from .train import train as train_fn
-    base, todo = planned or plan(cfg)
-    out, runs_root = Path(cfg.out), Path(cfg.out) / RUNS
-    runs_root.mkdir(parents=True, exist_ok=True)
-    if cfg.vqa:
-        prepare_shards(cfg)
-    check_stream(stream_configs(base, 1)[0])  # caches match, every id present: once, before any training
-    (out / "sweep.json").write_text(json.dumps({"sweep": dataclasses.asdict(cfg), "base": base.to_dict(),
-                                                "runs": [p.name for p, _, _ in todo]}, indent=2) + "\n")
-    ran, skipped, resumed, redone, newly_failed = [], [], [], [], []
-    pending = [(p, s, r) for p, s, r in todo if s == "todo" or s == "broken" or (s == "failed" and cfg.retry_failed)]
-    log.info("sweep: %d run(s) in the grid, %d to run, %d finished, %d failed before", len(todo), len(pending),
-             sum(s == "finished" for _, s, _ in todo), sum(s == "failed" for _, s, _ in todo))
-    for point, status, reason in todo:
-        if status == "finished" or (status == "failed" and not cfg.retry_failed):
-            log.info("skip %s: %s", point.name, "finished" if status == "finished" else f"failed before ({reason}); "
-                     "--retry-failed redoes it")
-            skipped.append(point.name)
-    for i, (point, status, reason) in enumerate(pending, 1):
-        run_dir = runs_root / point.name
-        run = cfg.run_config(base, point)
-        if status == "broken" and resumable(run_dir, run):
-            log.warning("resume %s from its last checkpoint: %s", point.name, reason)
-            run = dataclasses.replace(run, resume=True)
-            resumed.append(point.name)
-        elif status in ("broken", "failed"):
-            log.warning("redo %s: %s", point.name, reason)
-            shutil.rmtree(run_dir)
-            redone.append(point.name)
-        log.info("run %d/%d %s: --fuse '%s' --pool '%s' --decoder-layers %d --seed %d", i, len(pending),
-                 point.name, run.fuse, run.pool, run.decoder_layers, run.seed)
-        try:
-            results = train_fn(run)
-        except TrainingDiverged as e:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / FAILED).write_text(json.dumps({"reason": f"diverged: {e}"}, indent=2) + "\n")
-            log.error("run %s failed: %s", point.name, e)
-            newly_failed.append(point.name)
-            continue
-        ran.append(point.name)
-        log.info("run %s: best accuracy %.2f%%, last %.2f%%, %.2f steps/s", point.name,
-                 100 * results["best"]["accuracy"], 100 * results["last"]["accuracy"], results["steps_per_s"])
-    summary = report(out)
-    return {**summary, "ran": ran, "skipped": skipped, "resumed": resumed, "redone": redone,
-            "newly_failed": newly_failed}

@@ -1,4 +1,4 @@
-"""Models this project registers with timm, so that ``embed --model`` and, after ``import embed.models``,
+"""Models this project registers with timm, so that ``embed --model`` and, after ``import embed.registry``,
 ``timm.create_model(name)`` find them like any other timm model. :func:`embed.load_model` imports this
 module itself; ``import embed`` does not, so that the CLIs check their arguments before loading timm.
 
@@ -7,9 +7,9 @@ patches, so its 3×3 patch tokens line up with the 3×3 grid of the synthetic sh
 ``.demo`` weights ship with the package (``embed/weights/vit_shapes_patch16_48.demo.safetensors``,
 about 7 MB) and are loaded by timm's own pretrained path (``pretrained_cfg["file"]``), so
 ``embed --model vit_shapes_patch16_48 --pretrained`` works with no hub. They were trained by
-``python -m pipelines.demo_vit`` to name the colour and shape in each grid cell of shapes scenes
-(seeds disjoint from the dataset's); see that module. This exists because no hub is reachable
-here: a randomly initialised ViT keeps colour but loses shape, and a T5 trained over such features
+``python scripts/demo_vit.py`` to name the colour and shape in each grid cell of shapes scenes
+(seeds disjoint from the dataset's); see that script. Shipping them lets the quickstart run with no
+hub: a randomly initialised ViT keeps colour but loses shape, and a T5 trained over such features
 stays at the question-only level.
 """
 

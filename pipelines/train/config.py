@@ -6,6 +6,7 @@ command line. The resolved config is saved as ``OUT/config.json`` and in ``resul
 
 import json
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 
 from fuse import FusionSpec, coerce_pools
@@ -17,19 +18,16 @@ IMAGE_SOURCES = ("cache", "online")
 TEXT = "question"  # the text modality: the question's tokens
 
 # Named presets (flags and the config file override them).
-PRESETS = {
+TRAIN_PRESETS = {
     # The thesis: t5-base from the hub, ViT-B/16 tokens (196×768) from the cache, batch 128, bf16.
     "paper": dict(t5="google-t5/t5-base", tokenizer="google-t5/t5-base", fuse="0:question 0:image",
                   batch_size=128, lr=1e-4, optimizer="adamw", steps=20000, eval_every=2000,
                   mixed_precision="bf16", expect={"image": {"shape": [196, 768],
                                                             "producer": {"model": "vit_base_patch16_224"}}}),
     # Trains on the CPU of a 2-core machine in minutes: the small demo T5 (word tokens) over the demo
-    # ViT's 9 tokens, joined late (the CPU sweep's best on the shapes data, and its cheapest), with a
-    # position embedding per image token (joined late, the tokens are otherwise a bag). Measured on
-    # the quickstart's data, 3,000 steps, 2,048 eval questions: 90.8% as set here; 80.6% without the
-    # position embeddings (position questions at chance); without them at lr 5e-4 81.7%, 1e-3 79.5%;
-    # the earlier 2 decoder blocks at lr 2e-3 60-61% (it stalled on questions that must match colour
-    # and shape together).
+    # ViT's 9 tokens, with a position embedding per image token (T5 has no absolute positions, and
+    # tokens joined late reach the decoder as a bag). The rate and the fusion layer were chosen on
+    # the quickstart's data (README, "fuse-train").
     "demo": dict(t5="demo", tokenizer="words", fuse="0:question 4:image", positions="image", batch_size=64,
                  lr=2.5e-4, steps=3000, eval_every=1000, warmup=0.06, eval_limit=2000,
                  expect={"image": {"producer": {"model": "vit_shapes_patch16_48"}}}),
@@ -44,7 +42,7 @@ class TrainConfig:
         shards: folder written by ``vqa-data shards`` (train and eval sides, manifest).
         caches: modality -> embedding cache (``--cache image=PATH``).
         out: run directory.
-        t5: a T5 preset of ``fuse.PRESETS`` (random weights), a hub name or a local directory.
+        t5: a T5 preset of ``fuse.T5_PRESETS`` (random weights), a hub name or a local directory.
         fuse: fusion spec, e.g. ``"0:question 6:image"``; the text modality is ``question``.
         pool: pooling per vector modality, e.g. ``"image:attention:14"`` (empty: none).
         positions: vector modalities whose tokens get a learned position embedding, e.g. ``"image"``
@@ -69,7 +67,7 @@ class TrainConfig:
     fuse: str = "0:question 0:image"
     pool: str = ""
     positions: str = ""
-    decoder_layers: int = None
+    decoder_layers: int | None = None
     expect: dict = field(default_factory=dict)
     steps: int = 1000
     batch_size: int = 32
@@ -83,20 +81,20 @@ class TrainConfig:
     clip: float = 1.0
     dropout: float = 0.0
     eval_every: int = 500
-    eval_limit: int = None
+    eval_limit: int | None = None
     log_every: int = 10
     max_answer_len: int = 16
     max_new_tokens: int = 16
     shuffle_buffer: int = 2000
     num_workers: int = 2
-    threads: int = None
+    threads: int | None = None
     allow_missing: bool = False
     seed: int = 0
     mixed_precision: str = "no"
     device: str = "auto"
     image_source: str = "cache"
     resume: bool = False
-    stop_at: int = None
+    stop_at: int | None = None
     overwrite: bool = False
     progress: bool = True
 
@@ -120,8 +118,13 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
         if not isinstance(self.warmup, (int, float)) or self.warmup < 0:
             raise ValueError(f"--warmup {self.warmup}: must be a fraction of the steps (< 1) or a number of steps")
-        if self.lr <= 0:
+        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
             raise ValueError(f"--lr {self.lr}: must be positive")
+        for name, value, high in (("--dropout", self.dropout, 1.0), ("--clip", self.clip, None),
+                                  ("--weight-decay", self.weight_decay, None)):
+            if not isinstance(value, (int, float)) or value < 0 or (high is not None and value >= high):
+                bound = f"in [0, {high})" if high is not None else ">= 0 (0: off)"
+                raise ValueError(f"{name} {value}: must be a number {bound}")
         if self.decoder_layers is not None and self.decoder_layers < 1:
             raise ValueError(f"--decoder-layers {self.decoder_layers}: the decoder needs at least 1 block")
         spec = FusionSpec.coerce(self.fuse)  # raises FusionSpecError naming --fuse
@@ -144,9 +147,13 @@ class TrainConfig:
     def _positions(self) -> list:
         return sorted(set(self.positions.replace(",", " ").split()))
 
+    @cached_property
+    def _fused(self) -> tuple:
+        return tuple(FusionSpec.coerce(self.fuse).modalities())
+
     def fused_modalities(self) -> list:
-        """Every modality of the fusion spec, in join order."""
-        return list(FusionSpec.coerce(self.fuse).modalities())
+        """Every modality of the fusion spec, in join order (parsed once per config)."""
+        return list(self._fused)
 
     def tokenizer_path(self) -> str:
         """``words`` is the word-level tokenizer ``vqa-data shards`` writes beside the shards."""
@@ -166,9 +173,9 @@ class TrainConfig:
         """Preset, then config file, then flags (``None`` flags are not given)."""
         values = {}
         if preset:
-            if preset not in PRESETS:
-                raise ValueError(f"--preset {preset}: unknown (known: {', '.join(PRESETS)})")
-            values.update(PRESETS[preset], preset=preset)
+            if preset not in TRAIN_PRESETS:
+                raise ValueError(f"--preset {preset}: unknown (known: {', '.join(TRAIN_PRESETS)})")
+            values.update(TRAIN_PRESETS[preset], preset=preset)
         if file:
             values.update(read_config_file(file))
         values.update({k: v for k, v in flags.items() if v is not None})

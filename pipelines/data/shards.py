@@ -1,7 +1,7 @@
 """QA records as WebDataset tar shards.
 
 One sample per image: ``__key__`` = the sample's number in its shard side, ``json`` = the list of
-that image's records (:meth:`QARecord.to_dict <pipelines.vqa.QARecord.to_dict>`), in dataset order;
+that image's records (:meth:`QARecord.to_dict <pipelines.data.vqa.QARecord.to_dict>`), in dataset order;
 the stream unlists them and shuffles records, not images. Why not one sample per question: webdataset
 reads a tar member and decodes its JSON at a fixed cost per sample (~30 us on the 2-core dev VM,
 more than the record's tokenizing and batching), and a VQA image has about 5 questions. Packing
@@ -14,15 +14,16 @@ written last, ``manifest.json`` (how the shards were made, and the shard names a
 without a manifest is an unfinished run.
 """
 
-import datetime as _dt
 import json
 import math
 import os
 from pathlib import Path
 
 from store import AtomicShardWriter
+from store.format import now_iso
 
-from .errors import DatasetExistsError, PipelineError
+from ..errors import DatasetExistsError, PipelineError
+from ..files import write_atomic
 from .splits import split_records
 from .tokens import build_word_tokenizer
 from .vqa import QARecord, read_vqa
@@ -94,9 +95,9 @@ def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_f
     """Read a VQA v2 folder, split it 80/20 (by default) and write train and eval shards.
 
     Args:
-        vqa_dir: folder in the VQA v2 layout (the official data or :mod:`pipelines.shapes`).
+        vqa_dir: folder in the VQA v2 layout (the official data or :mod:`pipelines.data.shapes`).
         out: output folder; must not hold shards already.
-        split_by, seed, eval_fraction: see :func:`pipelines.splits.split_records`.
+        split_by, seed, eval_fraction: see :func:`pipelines.data.splits.split_records`.
         shard_size, min_shards: see :func:`write_shards`.
         splits: which splits of ``vqa_dir`` to pool (default: all found).
         check_images: require every image file to exist.
@@ -111,7 +112,7 @@ def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_f
     out.mkdir(parents=True, exist_ok=True)
     manifest = {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": now_iso(),
         "source": str(Path(vqa_dir).resolve()), "splits": sorted({r.split for r in records}),
         "split_by": split_by, "seed": seed, "eval_fraction": eval_fraction, "shard_size": shard_size,
         "images": len({r.image_id for r in records}),
@@ -124,9 +125,7 @@ def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_f
     # such as the shapes data: `fuse-train --tokenizer words` reads it from here.
     manifest["word_vocab_size"] = build_word_tokenizer(
         [r.question for r in train] + [a for r in train for a in r.answers], out / WORD_TOKENIZER)
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
+    write_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -12,7 +12,7 @@ Any other spec loads ``transformers.AutoTokenizer`` (the Rust "fast" tokenizers 
 import numpy as np
 import torch
 
-from .errors import PipelineError
+from ..errors import PipelineError
 
 BYT5_OFFSET = 3
 BYT5_PAD, BYT5_EOS = 0, 1

@@ -196,7 +196,7 @@ def question_only_baseline(fit, evaluate=None) -> float:
 
     Each distinct question text of ``fit`` gets the answer that scores best on it; ``evaluate``
     (default: ``fit`` itself) is then scored, a text unseen in ``fit`` getting the overall best
-    answer. Records are :class:`~pipelines.vqa.QARecord` s or dicts with ``question`` and ``answers``.
+    answer. Records are :class:`~pipelines.data.vqa.QARecord` s or dicts with ``question`` and ``answers``.
     """
     def fields(r):
         return (r["question"], r["answers"]) if isinstance(r, dict) else (r.question, r.answers)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import PipelineError
+from ..errors import PipelineError
 from .vqa import image_path
 
 log = logging.getLogger(__name__)

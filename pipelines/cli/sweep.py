@@ -1,4 +1,4 @@
-"""``fuse-sweep``: a training per grid point, then the summary and figures (see :mod:`pipelines.sweep`).
+"""``fuse-sweep``: a training per grid point, then the summary and figures (see :mod:`pipelines.sweep.run`).
 
 ``fuse-sweep [run] ...`` runs (``run`` may be left out); ``fuse-sweep report RUNS_DIR`` rebuilds the
 summary and figures from the finished runs alone. Every ``fuse-train`` setting that is not the
@@ -6,35 +6,19 @@ grid's own (``--fuse``, ``--pool``, ``--decoder-layers``) or a run's own (``--ou
 ...) is taken over from ``fuse-train``'s options, so both commands accept the same flags.
 """
 
-import copy
 import json
 import logging
 from contextlib import contextmanager
-from dataclasses import fields
 from pathlib import Path
 
 import click
 
-from store import StoreError
-
-from .errors import PipelineError
-from .sweep import GRIDS, SweepConfig
-from .sweep_report import GridError
-from .train_cli import main as train_main
-from .train_cli import parse_caches
-from .train_config import TrainConfig
+from ..sweep.plan import GRIDS, SweepConfig
+from .common import cli_errors, parse_caches
+from .options import train_option_names, train_options
 
 # fuse-train options the sweep sets itself for every run.
-_SWEEP_OWNS = {"shards", "caches", "out", "fuse", "pool", "decoder_layers", "resume", "overwrite", "stop_at"}
-
-
-def _train_options() -> list:
-    names = {f.name for f in fields(TrainConfig)} | {"preset", "config_file"}
-    return [copy.copy(p) for p in train_main.params
-            if isinstance(p, click.Option) and p.name in names and p.name not in _SWEEP_OWNS]
-
-
-TRAIN_OPTIONS = _train_options()
+_SWEEP_OWNS = ("shards", "caches", "out", "fuse", "pool", "decoder_layers", "resume", "overwrite", "stop_at")
 
 
 def _ints(ctx, param, value):
@@ -68,7 +52,7 @@ def _logging_to(runs_dir):
 
 
 def _echo_summary(summary: dict) -> None:
-    from .sweep_report import markdown_table
+    from ..sweep.report import markdown_table
 
     if summary["points"]:
         click.echo(markdown_table(summary["points"]))
@@ -78,18 +62,6 @@ def _echo_summary(summary: dict) -> None:
     d = Path(summary["runs_dir"])
     click.echo(f"{summary['finished']} finished run(s); summary: {d / 'summary.md'} (.csv, .json); "
                f"{len(summary['figures'])} figure(s) in {d / 'figures'}")
-
-
-def _errors(fn):
-    """Bad flags and impossible grid points exit 2 (usage); unreadable data or runs exit 1."""
-    try:
-        return fn()
-    except GridError as e:
-        raise click.UsageError(str(e)) from None
-    except (PipelineError, StoreError, OSError) as e:
-        raise click.ClickException(str(e)) from None
-    except ValueError as e:
-        raise click.UsageError(str(e)) from None
 
 
 class SweepGroup(click.Group):
@@ -137,6 +109,7 @@ def main():
 @click.option("--repeats", type=int, help="Runs per grid point (seeds --seed, --seed + 1, ...).  [default: 1]")
 @click.option("--retry-failed", is_flag=True, default=None, help="Redo runs that diverged in an earlier sweep.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (each run: todo, finished, failed, broken) and stop.")
+@train_options(skip=_SWEEP_OWNS)
 def run(caches, grid, dry_run, **flags):
     """Train every grid point that is not finished yet, then write the summary and figures.
 
@@ -151,33 +124,28 @@ def run(caches, grid, dry_run, **flags):
         fuse-sweep --shards runs/qa --cache image=runs/cache --fuse-layers 0,1,2,3,4 --decoder-layers 1,2,4 --preset demo --steps 300 --out runs/sweep
         fuse-sweep --grid cpu --shards runs/qa --cache image=runs/cache --out runs/sweep
     """
-    from .sweep import plan, run_sweep
+    from ..sweep.plan import plan
+    from ..sweep.run import run_sweep
 
-    train = {name: flags.pop(name) for name in [p.name for p in TRAIN_OPTIONS]}
+    train = {name: flags.pop(name) for name in train_option_names(skip=_SWEEP_OWNS)}
     train["file"] = train.pop("config_file", None)
     if caches:
         flags["caches"] = parse_caches(caches)
-    cfg = _errors(lambda: SweepConfig.resolve(grid or "", train=train, **flags))
-    base, todo = _errors(lambda: plan(cfg))  # every grid point checked before anything is written
+    with cli_errors():
+        cfg = SweepConfig.resolve(grid or "", train=train, **flags)
+        base, todo = plan(cfg)  # every grid point checked before anything is written
     if dry_run:
         for point, status, reason in todo:
             click.echo(f"{point.name}\t{status}" + (f"\t{reason}" if reason else ""))
         click.echo(f"{sum(s != 'finished' and s != 'failed' for _, s, _ in todo)} of {len(todo)} run(s) to do "
                    f"({base.steps} steps each)")
         return
-    with _logging_to(cfg.out):
-        try:  # the grid was checked above: errors from here on are the data's or a run's, not usage
-            summary = run_sweep(cfg, planned=(base, todo))
-        except (PipelineError, StoreError, OSError) as e:
-            raise click.ClickException(str(e)) from None
+    with _logging_to(cfg.out), cli_errors():
+        summary = run_sweep(cfg, planned=(base, todo))
     _echo_summary(summary)
     if summary["newly_failed"]:
         raise click.ClickException(f"{len(summary['newly_failed'])} run(s) diverged: "
                                    f"{', '.join(summary['newly_failed'])} (see {cfg.out}/summary.md)")
-
-
-for _option in TRAIN_OPTIONS:
-    run.params.append(_option)
 
 
 @main.command()
@@ -193,10 +161,10 @@ def report(runs_dir, as_json):
     \b
         fuse-sweep report runs/sweep
     """
-    from .sweep_report import report as build
+    from ..sweep.report import report as build
 
-    with _logging_to(runs_dir):
-        summary = _errors(lambda: build(runs_dir))
+    with _logging_to(runs_dir), cli_errors():
+        summary = build(runs_dir)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:

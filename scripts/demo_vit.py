@@ -1,8 +1,8 @@
 """Train the demo ViT (``vit_shapes_patch16_48``) that the ``demo`` preset ships.
 
-No hub is reachable here, and a randomly initialised ViT keeps colour but loses shape, so a T5 over
-its tokens cannot beat the question-only baseline. This script trains the small registered ViT
-(:mod:`embed.models`) on freshly drawn shapes scenes (seeds disjoint from any dataset the
+The quickstart must run without a model hub, and a randomly initialised ViT keeps colour but loses
+shape, so a T5 over its tokens cannot beat the question-only baseline. This script trains the small registered ViT
+(:mod:`embed.registry`) on freshly drawn shapes scenes (seeds disjoint from any dataset the
 ``vqa-data shapes`` command writes) to name, for each of the 3×3 grid cells, the colour and the
 shape of the object in it (or "empty"), with one linear head per target on each of the 9 patch
 tokens. The heads are thrown away; the backbone is saved as float16 safetensors where timm's
@@ -11,21 +11,24 @@ pretrained config of ``vit_shapes_patch16_48.demo`` points.
 Images go through exactly what ``embed`` does to them: the dataset's JPEG encoding at 96 px, then
 timm's transform resolved from the model's pretrained config (bicubic resize to 48, normalise).
 
-    python -m pipelines.demo_vit [--scenes 12000] [--steps 1500] [--out embed/weights/...]
+    python scripts/demo_vit.py [--scenes 12000] [--steps 1500] [--out embed/weights/...]
 """
 
 import argparse
 import io
 import logging
 import random
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-from . import shapes
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipelines.data import shapes  # noqa: E402
 
 log = logging.getLogger(__name__)
 COLOR_CLASSES = ["empty", *shapes.COLORS]
@@ -90,7 +93,7 @@ def main(argv=None):
     import timm
     from safetensors.torch import save_file
 
-    from embed.models import DEMO_VIT, default_cfgs  # registers the model with timm
+    from embed.registry import DEMO_VIT, default_cfgs  # registers the model with timm
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scenes", type=int, default=12000, help="training scenes (drawn once)")
@@ -134,7 +137,7 @@ def main(argv=None):
             log.info("step %d loss %.3f | held-out scenes with every cell right: colour %.1f%%, shape %.1f%% | %.0f s",
                      step, loss.item(), 100 * acc_c, 100 * acc_s, time.time() - t0)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, args.out, metadata={"model": DEMO_VIT, "trained_by": "python -m pipelines.demo_vit",
+    save_file(state, args.out, metadata={"model": DEMO_VIT, "trained_by": "python scripts/demo_vit.py",
                                          "steps": str(args.steps), "scenes": str(args.scenes)})
     log.info("saved %s", args.out)
 

@@ -1,0 +1,62 @@
+"""``fuse-train``: finetune the fused T5 on VQA from cached embeddings (see :mod:`pipelines.train.loop`)."""
+
+import json
+import logging
+
+import click
+
+from ..train.config import TrainConfig
+from .common import cli_errors, distributed_teardown, parse_caches, setup_logging
+from .options import train_options
+
+
+def format_results(results: dict) -> str:
+    lines = []
+    for which in ("best", "last"):
+        r = results.get(which)
+        if r:
+            kinds = ", ".join(f"{k} {100 * m['accuracy']:.1f}%" for k, m in r["by_answer_type"].items())
+            lines.append(f"{which:>4}: step {r['step']}: VQA accuracy {100 * r['accuracy']:.2f}%, "
+                         f"exact match {100 * r['exact_match']:.2f}%  ({kinds})")
+    lines.append(f"speed: {results['steps_per_s']:.2f} steps/s, {results['samples_per_s']:.0f} samples/s, "
+                 f"stream wait {100 * results['stream_wait_fraction']:.1f}% of the loop")
+    lines.append(f"checkpoints: {results['checkpoints']['last']} (last), {results['checkpoints']['best']} (best)")
+    lines.append(f"logs: tensorboard --logdir {results['tensorboard']}")
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"show_default": True})
+@train_options()
+@click.option("--json", "as_json", is_flag=True, help="Print results.json instead of a summary.")
+def main(caches, config_file, preset, as_json, **flags):
+    """Finetune the fused T5 on VQA, reading image embeddings from the cache.
+
+    Evaluates every --eval-every steps with the official VQA accuracy and keeps the best and the last
+    checkpoint; writes OUT/results.json, OUT/config.json and TensorBoard logs in OUT/tb.
+
+    Example:
+
+        fuse-train --preset demo --shards runs/qa --cache image=runs/cache --out runs/demo
+        accelerate launch --multi_gpu --num_processes 2 -m pipelines.cli.train --preset demo --shards runs/qa --cache image=runs/cache
+    """
+    setup_logging(logging.INFO)
+    from ..train.loop import train
+
+    if caches:
+        flags["caches"] = parse_caches(caches)
+    with cli_errors():
+        cfg = TrainConfig.resolve(preset or "", config_file, **flags)
+    if not cfg.shards:
+        raise click.UsageError("--shards is required (a folder written by `vqa-data shards`)")
+    with cli_errors(), distributed_teardown():
+        results = train(cfg)
+    if results.get("stopped"):
+        click.echo(f"stopped at step {results['steps']} (--stop-at); continue with --resume", err=True)
+    elif as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        click.echo(format_results(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Metrics: the official VQA v2 accuracy and exact match (:mod:`.vqa`)."""

@@ -1,0 +1,110 @@
+"""Running a sweep: every unfinished grid point trained in turn, then the summary and figures.
+
+The runs go one after the other in this process, each through :func:`pipelines.train.loop.train`.
+A rerun skips finished runs (whole ``results.json`` with the same settings), keeps failed ones
+(``failed.json``: the loss diverged) unless asked to retry, continues broken ones (a folder without
+a whole ``results.json``: killed mid-run) from their last checkpoint when they were started with
+the same settings and redoes the others, so a sweep survives being killed.
+"""
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from ..errors import TrainingDiverged
+from .grid import FAILED, RUNS
+from .plan import SweepConfig, plan, resumable
+from .report import report
+
+log = logging.getLogger(__name__)
+
+
+def prepare_shards(cfg: SweepConfig) -> None:
+    """``--vqa``: write ``out/qa`` from the VQA folder unless a finished one is there."""
+    from ..data.shards import MANIFEST, write_qa_shards
+
+    qa = Path(cfg.out) / "qa"
+    if (qa / MANIFEST).is_file():
+        log.info("shards: reusing %s", qa)
+        return
+    if qa.exists():
+        log.warning("shards: %s is incomplete (no %s): writing it again", qa, MANIFEST)
+        shutil.rmtree(qa)
+    manifest = write_qa_shards(cfg.vqa, qa)
+    log.info("shards: %d train / %d eval questions from %s -> %s", manifest["train"]["count"],
+             manifest["eval"]["count"], cfg.vqa, qa)
+
+
+def run_sweep(cfg: SweepConfig, train_fn=None, planned: tuple = None) -> dict:
+    """Run every unfinished grid point, then write the summary and figures.
+
+    A broken run (killed, or still running elsewhere) goes on from its last checkpoint when
+    :func:`resumable`; otherwise it is deleted and done again, as is a failed one with
+    ``retry_failed``.
+
+    Args:
+        cfg: the sweep.
+        train_fn: the training function (default :func:`pipelines.train.loop.train`), called as
+            ``train_fn(run_config, train_checked=True)``.
+        planned: what :func:`plan` returned for ``cfg``, if the caller has it already.
+
+    Returns:
+        The summary (:func:`pipelines.sweep.report.report`) with ``ran``, ``skipped``, ``resumed``,
+        ``redone`` and ``newly_failed`` (run names) added.
+
+    Raises:
+        GridError, ValueError: an impossible grid point or setting, before any training.
+        SweepError: the runs directory holds runs with other settings.
+        PipelineError, store.StoreError: the data or cache cannot be read.
+    """
+    from ..data.stream import check_stream
+    from ..train.streams import stream_configs
+
+    if train_fn is None:
+        from ..train.loop import train as train_fn
+    base, todo = planned or plan(cfg)
+    out, runs_root = Path(cfg.out), Path(cfg.out) / RUNS
+    runs_root.mkdir(parents=True, exist_ok=True)
+    if cfg.vqa:
+        prepare_shards(cfg)
+    check_stream(stream_configs(base, 1)[0])  # caches match, every id present: once, before any training
+    (out / "sweep.json").write_text(json.dumps({"sweep": dataclasses.asdict(cfg), "base": base.to_dict(),
+                                                "runs": [p.name for p, _, _ in todo]}, indent=2) + "\n")
+    ran, skipped, resumed, redone, newly_failed = [], [], [], [], []
+    pending = [(p, s, r) for p, s, r in todo if s == "todo" or s == "broken" or (s == "failed" and cfg.retry_failed)]
+    log.info("sweep: %d run(s) in the grid, %d to run, %d finished, %d failed before", len(todo), len(pending),
+             sum(s == "finished" for _, s, _ in todo), sum(s == "failed" for _, s, _ in todo))
+    for point, status, reason in todo:
+        if status == "finished" or (status == "failed" and not cfg.retry_failed):
+            log.info("skip %s: %s", point.name, "finished" if status == "finished" else f"failed before ({reason}); "
+                     "--retry-failed redoes it")
+            skipped.append(point.name)
+    for i, (point, status, reason) in enumerate(pending, 1):
+        run_dir = runs_root / point.name
+        run = cfg.run_config(base, point)
+        if status == "broken" and resumable(run_dir, run):
+            log.warning("resume %s from its last checkpoint: %s", point.name, reason)
+            run = dataclasses.replace(run, resume=True)
+            resumed.append(point.name)
+        elif status in ("broken", "failed"):
+            log.warning("redo %s: %s", point.name, reason)
+            shutil.rmtree(run_dir)
+            redone.append(point.name)
+        log.info("run %d/%d %s: --fuse '%s' --pool '%s' --decoder-layers %d --seed %d", i, len(pending),
+                 point.name, run.fuse, run.pool, run.decoder_layers, run.seed)
+        try:
+            results = train_fn(run, train_checked=True)
+        except TrainingDiverged as e:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / FAILED).write_text(json.dumps({"reason": f"diverged: {e}"}, indent=2) + "\n")
+            log.error("run %s failed: %s", point.name, e)
+            newly_failed.append(point.name)
+            continue
+        ran.append(point.name)
+        log.info("run %s: best accuracy %.2f%%, last %.2f%%, %.2f steps/s", point.name,
+                 100 * results["best"]["accuracy"], 100 * results["last"]["accuracy"], results["steps_per_s"])
+    summary = report(out)
+    return {**summary, "ran": ran, "skipped": skipped, "resumed": resumed, "redone": redone,
+            "newly_failed": newly_failed}

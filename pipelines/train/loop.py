@@ -1,0 +1,320 @@
+"""Stage 2 training: the fused T5 finetuned on VQA from the cached embeddings (``fuse-train``).
+
+:func:`train` takes a :class:`~pipelines.train.config.TrainConfig` and returns the results it also
+writes to ``OUT/results.json``. Devices, processes and mixed precision come from accelerate
+(``accelerate launch -m pipelines.cli.train ...`` or the ``fuse-train`` script). The run directory
+holds::
+
+    OUT/config.json            the resolved config (what the run did, flags and file merged)
+    OUT/results.json           best and last VQA accuracy (by answer type), steps/s, samples/s
+    OUT/tb/                    TensorBoard: loss, lr, accuracy, steps/s, samples/s, stream wait
+    OUT/checkpoints/last/      model (safetensors + config.json), optimizer, schedule, RNG, step
+    OUT/checkpoints/best/      the model of the best eval so far
+
+Checkpoints are written to a temporary folder and renamed into place, so a killed run always has a
+whole one; ``--resume`` continues from ``last`` with the same data order (the stream's epoch and
+position are saved) and the same random state.
+"""
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fuse import FusionT5ForConditionalGeneration, train_step_flops
+
+from ..data.stream import check_stream, eval_loader, open_caches
+from ..data.tokens import load_tokenizer
+from ..errors import PipelineError, TrainingDiverged
+from ..files import existing_dir, write_atomic
+from .checkpoint import (
+    checkpoint_dirs,
+    has_checkpoint,
+    load_train_state,
+    save_checkpoint,
+)
+from .config import TEXT, TrainConfig
+from .evaluate import evaluate
+from .model import build_model, make_optimizer, make_schedule, model_inputs
+from .streams import batches, stream_configs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunData:
+    """What a run reads: both sides' streams, the caches (opened once) and the tokenizer."""
+
+    train_sc: object
+    readers: dict
+    evals: object
+    tokenizer: object
+    shapes: dict  # modality -> value shape of its cache
+    run: dict  # the record saved in every checkpoint (fuse_run.json)
+
+
+@dataclass
+class Meter:
+    """Time spent waiting for data and computing, samples seen, and the loss since the last log line."""
+
+    wait: float = 0.0
+    compute: float = 0.0
+    samples: int = 0
+    steps: int = 0
+    window: list = field(default_factory=list)
+
+    @property
+    def elapsed(self) -> float:
+        return self.wait + self.compute
+
+
+# ---- named steps --------------------------------------------------------------------------------
+
+def make_accelerator(cfg: TrainConfig):
+    """accelerate's Accelerator for the run, and torch's CPU threads (one per core left to this
+    process after the stream's workers: on a small CPU, threads sharing a core with a worker thrash)."""
+    from accelerate import Accelerator
+
+    # accelerate joins CPU processes (gloo) only when told it runs on the CPU
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              cpu=cfg.device == "cpu" or not torch.cuda.is_available())
+    if accelerator.device.type == "cpu":
+        per_process = max(1, (os.cpu_count() or 1) // accelerator.num_processes - cfg.num_workers)
+        torch.set_num_threads(cfg.threads or per_process)
+    return accelerator
+
+
+def check_out_dir(cfg: TrainConfig) -> None:
+    """Refuse to overwrite a finished or unfinished run unless asked, and to resume from nothing."""
+    out = Path(cfg.out)
+    last, _ = checkpoint_dirs(out)
+    if cfg.resume and not has_checkpoint(last):
+        raise PipelineError(f"--resume: {last} holds no checkpoint to resume from")
+    if not cfg.resume and (out / "results.json").exists() and not cfg.overwrite:
+        raise PipelineError(f"{out} already holds a finished run: pass --resume, --overwrite or another --out")
+    if not cfg.resume and existing_dir(last).exists() and not cfg.overwrite:
+        raise PipelineError(f"{out} holds the checkpoint of an unfinished run ({last}): pass --resume to "
+                            "continue it, --overwrite to start again, or another --out")
+
+
+def open_data(cfg: TrainConfig, accelerator, train_checked: bool = False) -> RunData:
+    """Open the caches once and check both sides against them before any compute.
+
+    Args:
+        train_checked: the caller (a sweep) has run the train side's pre-flight check already.
+    """
+    train_sc, eval_sc = stream_configs(cfg, accelerator.num_processes)
+    readers = open_caches(train_sc)  # both sides use the same caches and expectations
+    if not train_checked:
+        check_stream(train_sc, readers)  # every id present: fails (or counts, --allow-missing) now
+    evals = eval_loader(eval_sc, accelerator.process_index, accelerator.num_processes, readers)
+    shapes = {name: tuple(reader.meta.shape) for name, reader in readers.items()}
+    run = {"config": cfg.to_dict(), "producers": {name: r.meta.producer for name, r in readers.items()},
+           "tokenizer": train_sc.tokenizer, "text_modality": TEXT}
+    return RunData(train_sc, readers, evals, load_tokenizer(train_sc.tokenizer), shapes, run)
+
+
+def init_model(cfg: TrainConfig, data: RunData, last: Path):
+    """``(model, optimizer, schedule, trainer state)``: new, or restored from ``last`` (``--resume``)."""
+    if cfg.resume:
+        model = FusionT5ForConditionalGeneration.from_pretrained(existing_dir(last))
+    else:
+        dims = {name: shape[-1] for name, shape in data.shapes.items()}
+        lengths = {name: shape[0] for name, shape in data.shapes.items()}
+        model = build_model(cfg, dims, lengths, data.tokenizer.vocab_size)
+    optimizer = make_optimizer(cfg, model)
+    schedule = make_schedule(cfg, optimizer)
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best": None, "history": []}
+    if cfg.resume:
+        state = load_train_state(last, optimizer, schedule)
+        log.info("resuming %s at step %d", cfg.out, state["step"])
+    return model, optimizer, schedule, state
+
+
+def make_online_embedder(cfg: TrainConfig, producers: dict, device):
+    """``--image-source online``: the cache's own ViT, rebuilt from its metadata, over the image files."""
+    from ..data.online import ImageEmbedder, load_vit
+    from ..data.shards import read_manifest
+
+    manifest = read_manifest(cfg.shards)
+    return ImageEmbedder(load_vit(producers["image"], device), manifest["source"], manifest.get("splits", ["train"]),
+                         threads=max(1, cfg.num_workers))
+
+
+def step_flops(cfg: TrainConfig, model, batch: dict, shapes: dict) -> float:
+    """FLOPs of one optimizer step at this batch's padded lengths."""
+    fused = cfg.fused_modalities()
+    lens = {TEXT: batch["input_ids"].shape[1], **{k: s[0] for k, s in shapes.items() if k in fused}}
+    return train_step_flops(model.config, cfg.batch_size * cfg.grad_accum, lens, batch["labels"].shape[1]).train_step
+
+
+def train_step(cfg, accelerator, model, optimizer, schedule, batch: dict, state: dict, last: Path) -> float:
+    """One micro-batch forward and backward, and the optimizer step when accumulation is complete.
+
+    Returns:
+        The micro-batch's loss (the step's one read-back from the device).
+
+    Raises:
+        TrainingDiverged: the loss is NaN or infinite.
+    """
+    with accelerator.accumulate(model):
+        loss = model(modalities=model_inputs(batch, cfg.fused_modalities(), accelerator.device),
+                     labels=batch["labels"].to(accelerator.device)).loss
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(
+                f"the loss became {loss_value} at step {state['step'] + 1}: stopping. The last good checkpoint "
+                f"is {last if has_checkpoint(last) else '(none yet)'}; try a lower --lr or --clip")
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and cfg.clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.clip)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss_value
+
+
+def log_step(writer, bar, schedule, meter: Meter, step: int) -> None:
+    """Loss (mean since the last line), learning rate and speed to TensorBoard and the progress bar."""
+    loss = sum(meter.window) / len(meter.window)
+    writer.add_scalar("train/loss", loss, step)
+    writer.add_scalar("train/lr", schedule.get_last_lr()[0], step)
+    writer.add_scalar("speed/steps_per_s", meter.steps / meter.elapsed, step)
+    writer.add_scalar("speed/samples_per_s", meter.samples / meter.elapsed, step)
+    writer.add_scalar("speed/stream_wait_fraction", meter.wait / meter.elapsed, step)
+    bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+
+def eval_and_checkpoint(cfg, accelerator, model, optimizer, schedule, data: RunData, state: dict, writer, bar) -> None:
+    """Score the eval side; keep the best checkpoint and write the last one (main process)."""
+    step = state["step"]
+    metrics = evaluate(model, data.evals, data.tokenizer, cfg.fused_modalities(), accelerator,
+                       cfg.max_new_tokens, cfg.eval_limit)
+    entry = {"step": step, **metrics}
+    state["history"].append(entry)
+    improved = state["best"] is None or metrics["accuracy"] > state["best"]["accuracy"]
+    if improved:
+        state["best"] = entry
+    if accelerator.is_main_process:
+        writer.add_scalar("eval/accuracy", metrics["accuracy"], step)
+        writer.add_scalar("eval/exact_match", metrics["exact_match"], step)
+        for kind, m in metrics["by_answer_type"].items():
+            writer.add_scalar(f"eval/accuracy_{kind}", m["accuracy"], step)
+        bar.write(f"step {step}: VQA accuracy {100 * metrics['accuracy']:.2f}% "
+                  f"(exact match {100 * metrics['exact_match']:.2f}%)", file=sys.stderr)  # stdout: --json
+        last, best = checkpoint_dirs(cfg.out)
+        unwrapped = accelerator.unwrap_model(model)
+        if improved:
+            save_checkpoint(best, unwrapped, state={"step": step, "metrics": metrics}, run=data.run)
+        save_checkpoint(last, unwrapped, optimizer, schedule, state, run=data.run)
+    accelerator.wait_for_everyone()
+
+
+def results_of(cfg, accelerator, model, state: dict, meter: Meter, flops) -> dict:
+    """The ``results.json`` of a finished run."""
+    elapsed = meter.elapsed
+    last, best = checkpoint_dirs(cfg.out)
+    return {
+        "best": state["best"], "last": state["history"][-1] if state["history"] else None,
+        "steps_per_s": meter.steps / elapsed if elapsed else None,
+        "samples_per_s": meter.samples / elapsed if elapsed else None,
+        "stream_wait_fraction": meter.wait / elapsed if elapsed else None,
+        "step_time_s": meter.compute / meter.steps if meter.steps else None,
+        "steps": state["step"], "params": sum(p.numel() for p in model.parameters()), "flops_per_step": flops,
+        "device": str(accelerator.device), "num_processes": accelerator.num_processes,
+        "checkpoints": {"last": str(last), "best": str(best)}, "tensorboard": str(Path(cfg.out) / "tb"),
+        "config": cfg.to_dict(), "history": state["history"],
+    }
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, *, train_checked: bool = False) -> dict:
+    """Train, evaluate every ``eval_every`` steps and at the end; returns the results dict.
+
+    Args:
+        cfg: the run.
+        train_checked: the train side's pre-flight check has been run by the caller (a sweep runs
+            it once for all its runs).
+
+    Raises:
+        TrainingDiverged: the loss became NaN/inf (the last good checkpoint is kept).
+        PipelineError, store.StoreError, fuse.FusionConfigError: bad data, cache or configuration.
+    """
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bars, once per checkpoint
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    check_out_dir(cfg)
+    set_seed(cfg.seed)
+    out = Path(cfg.out)
+    last, _ = checkpoint_dirs(out)
+    data = open_data(cfg, accelerator, train_checked)
+    model, optimizer, schedule, state = init_model(cfg, data, last)
+    model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+    online = None
+    if cfg.image_source == "online" and "image" in cfg.fused_modalities():
+        online = make_online_embedder(cfg, data.run["producers"], accelerator.device)
+
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.json")
+        writer = SummaryWriter(out / "tb")
+    bar = tqdm(total=cfg.steps, initial=state["step"], disable=not main or not cfg.progress, unit="step",
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
+    stream = batches(data.train_sc, state["epoch"], state["batch_in_epoch"], data.readers)
+    meter, flops = Meter(), None
+    model.train()
+    while state["step"] < cfg.steps:
+        t0 = time.perf_counter()
+        epoch, index, batch = next(stream)
+        t1 = time.perf_counter()
+        if online is not None:  # the ViT on the pixels, instead of the cache's values: part of the step
+            batch["vectors"]["image"] = online(batch["image_id"])
+        if flops is None:  # counted on the first batch, from its padded lengths
+            flops = step_flops(cfg, accelerator.unwrap_model(model), batch, data.shapes)
+        meter.window.append(train_step(cfg, accelerator, model, optimizer, schedule, batch, state, last))
+        meter.wait += t1 - t0
+        meter.compute += time.perf_counter() - t1
+        meter.samples += len(batch["answers"]) * accelerator.num_processes
+        state["epoch"], state["batch_in_epoch"] = epoch, index + 1
+        if not accelerator.sync_gradients:
+            continue
+        state["step"] += 1
+        meter.steps += 1
+        bar.update(1)
+        step = state["step"]
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            if main:
+                log_step(writer, bar, schedule, meter, step)
+            meter.window.clear()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            eval_and_checkpoint(cfg, accelerator, model, optimizer, schedule, data, state, writer, bar)
+        if cfg.stop_at and cfg.stop_at <= step < cfg.steps:
+            if main:
+                save_checkpoint(last, accelerator.unwrap_model(model), optimizer, schedule, state, run=data.run)
+            accelerator.wait_for_everyone()
+            log.info("stopped at step %d (--stop-at); continue with --resume", step)
+            break
+    bar.close()
+    if main:
+        writer.close()
+    if state["step"] < cfg.steps:  # --stop-at: the run is not finished, no results.json
+        return {"steps": state["step"], "stopped": True, "history": state["history"]}
+    results = results_of(cfg, accelerator, model, state, meter, flops)
+    if main:
+        write_atomic(out / "results.json", json.dumps(results, indent=2))
+    accelerator.wait_for_everyone()
+    return results

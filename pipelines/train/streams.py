@@ -1,0 +1,24 @@
+"""The stream settings of a run: its train and eval sides as :class:`~pipelines.data.stream.StreamConfig`."""
+
+from ..data.shards import shard_paths
+from ..data.stream import StreamConfig, train_loader
+from .config import TrainConfig
+
+
+def stream_configs(cfg: TrainConfig, num_processes: int = 1, eval_side: str = "eval") -> tuple:
+    """``(train, eval)`` stream configs of a run; ``eval_side`` names the shard side to score."""
+    common = dict(caches=cfg.caches, expect=cfg.expect, tokenizer=cfg.tokenizer_path(), num_workers=cfg.num_workers,
+                  seed=cfg.seed, allow_missing=cfg.allow_missing, max_answer_len=cfg.max_answer_len)
+    train_sc = StreamConfig(shards=shard_paths(cfg.shards, "train"), batch_size=cfg.batch_size,
+                            shuffle_buffer=cfg.shuffle_buffer, resample=num_processes > 1, **common)
+    eval_sc = StreamConfig(shards=shard_paths(cfg.shards, eval_side), batch_size=cfg.eval_batch_size, **common)
+    return train_sc, eval_sc
+
+
+def batches(sc: StreamConfig, epoch: int, skip: int, readers: dict):
+    """Endless training batches as ``(epoch, index in epoch, batch)``; starts at (epoch, skip)."""
+    while True:
+        for i, batch in enumerate(train_loader(sc, epoch, readers)):
+            if i >= skip:
+                yield epoch, i, batch
+        epoch, skip = epoch + 1, 0
