@@ -259,3 +259,31 @@ def test_config_file_errors_and_flags_override_it(tmp_path):
                                  ("--warmup", "-0.1", "must be a fraction of the steps (< 1) or a number of steps")):
         r = CliRunner().invoke(train_main, ["--preset", "demo", "--shards", str(tmp_path), flag, value])
         assert usage_error(r) == f"Error: {flag} {float(value) if flag == '--warmup' else value}: {message}\n"
+
+
+def test_a_checkpoint_left_as_old_by_a_kill_between_renames_is_found(tmp_path):
+    """replace_dir renames last -> last.old, then last.tmp -> last: killed in between, only last.old
+    is whole, and --resume and fuse-eval must find it."""
+    from pipelines.files import replace_dir
+    from pipelines.train.checkpoint import has_checkpoint, resolve_checkpoint
+
+    last = tmp_path / "run" / "checkpoints" / "last"
+    tmp = last.with_name("last.tmp")
+    tmp.mkdir(parents=True)
+    for name in ("config.json", "fuse_run.json", "trainer_state.json"):
+        (tmp / name).write_text("{}")
+    replace_dir(tmp, last)
+    assert has_checkpoint(last) and resolve_checkpoint(tmp_path / "run") == last
+    last.rename(last.with_name("last.old"))  # the state between the two renames
+    assert has_checkpoint(last) and resolve_checkpoint(tmp_path / "run") == last.with_name("last.old")
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("dropout", 1.0, "--dropout 1.0: must be a number in [0, 1.0)"),
+    ("weight_decay", -0.1, "--weight-decay -0.1: must be a number >= 0 (0: off)"),
+    ("clip", "x", "--clip x: must be a number >= 0 (0: off)"),
+])
+def test_dropout_clip_and_weight_decay_are_validated(setting, value, message):
+    with pytest.raises(ValueError) as err:
+        TrainConfig(**{setting: value})
+    assert str(err.value) == message
