@@ -28,6 +28,7 @@ def main(checkpoint, shards, caches, side, batch_size, limit, allow_missing, ima
 
     Example:
 
+    \b
         fuse-eval runs/demo --shards runs/qa
         fuse-eval runs/demo --image shapes/train2014/COCO_train2014_000000000001.jpg --question "What color is the circle?"
     """

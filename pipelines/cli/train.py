@@ -36,6 +36,7 @@ def main(caches, config_file, preset, as_json, **flags):
 
     Example:
 
+    \b
         fuse-train --preset demo --shards runs/qa --cache image=runs/cache --out runs/demo
         accelerate launch --multi_gpu --num_processes 2 -m pipelines.cli.train --preset demo --shards runs/qa --cache image=runs/cache
     """
