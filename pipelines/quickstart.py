@@ -1,7 +1,7 @@
 """The main job end to end on the built-in synthetic shapes data, on a CPU (``fuse-quickstart``).
 
 shapes images + questions (VQA v2 layout) -> ``embed`` (the shipped demo ViT) -> LMDB cache ->
-QA shards -> ``fuse-train --preset demo`` twice (image fused late; question only) -> a table.
+QA shards -> ``fuse-train --preset demo`` twice (image fused as the preset says; question only) -> a table.
 Every stage skips what an earlier run of the same command finished, so a killed quickstart resumes.
 """
 

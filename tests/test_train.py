@@ -253,7 +253,7 @@ def test_config_file_errors_and_flags_override_it(tmp_path):
     assert usage_error(r).startswith(f"Error: --config {tmp_path / 'bad.yaml'}: not valid YAML (")
     (tmp_path / "ok.yaml").write_text("steps: 7\nlr: 0.5\n")
     cfg = TrainConfig.resolve("demo", str(tmp_path / "ok.yaml"), lr=0.25)
-    assert (cfg.steps, cfg.lr, cfg.fuse) == (7, 0.25, "0:question 4:image")
+    assert (cfg.steps, cfg.lr, cfg.fuse) == (7, 0.25, "0:question 2:image")
     for flag, value, message in (("--threads", "0", "must be a positive integer"),
                                  ("--stop-at", "-3", "must be a positive integer"),
                                  ("--warmup", "-0.1", "must be a fraction of the steps (< 1) or a number of steps")):
