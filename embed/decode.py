@@ -42,9 +42,12 @@ def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_target=Non
         raise BadImage("empty file (0 bytes)")
     limit, load_truncated = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
     try:
-        # PIL's process-wide switches, set for this decode and restored after it: its bomb check
-        # follows --max-pixels, and truncated files must fail rather than be padded with grey
-        Image.MAX_IMAGE_PIXELS = max_pixels
+        # PIL's process-wide switches, set for this decode and restored after it. Truncated files
+        # must fail rather than be padded with grey. PIL refuses images over *twice* its
+        # MAX_IMAGE_PIXELS and would quote that doubled limit: its check is off while the header is
+        # read, so the check below refuses with --max-pixels and the size, and set to half of
+        # --max-pixels for load(), where some formats (ICO, GIF) meet sizes the header did not give.
+        Image.MAX_IMAGE_PIXELS = None
         ImageFile.LOAD_TRUNCATED_IMAGES = False
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -53,14 +56,16 @@ def open_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_target=Non
             if width * height > max_pixels:
                 raise BadImage(f"decompression bomb: {width}x{height} = {width * height} pixels "
                                f"exceeds --max-pixels {max_pixels}")
+            Image.MAX_IMAGE_PIXELS = max_pixels / 2  # PIL raises above 2 * MAX_IMAGE_PIXELS
             if draft_target is not None and img.format == "JPEG":
                 img.draft("RGB", draft_size(img.size, draft_target))
             img.load()  # the whole decode happens here: truncated data fails now, not later
             return to_rgb(img)
     except BadImage:
         raise
-    except Image.DecompressionBombError as e:
-        raise BadImage(f"decompression bomb: {e}") from None
+    except Image.DecompressionBombError:  # from load(): its message would quote PIL's limit, not ours
+        raise BadImage(f"decompression bomb: an image inside the file exceeds --max-pixels {max_pixels} "
+                       f"(the header said {width}x{height})") from None
     except Image.UnidentifiedImageError:
         raise BadImage("not an image (no decoder recognises the data)") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:

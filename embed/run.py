@@ -6,7 +6,8 @@ weights or preprocessing) and finds the ids still missing; it broadcasts them an
 embeds a contiguous share. A single process writes straight into the cache; with several, each
 writes its own part ``CACHE.part{rank}`` (a separate LMDB: one writer per environment), and the
 main process merges the parts and deletes them at the end. Every batch is committed in its own
-transaction, so a kill loses at most the batches in flight and never a partial value.
+transaction, so a kill loses at most the batches in flight and never a partial value. A launched
+process stops when its launcher dies (:mod:`embed.launcher`).
 """
 
 import json
@@ -26,6 +27,7 @@ from .config import EmbedConfig
 from .data import ImageDataset, collate
 from .decode import draft_target_of
 from .errors import EmbedError, SourceError
+from .launcher import stop_with_launcher
 from .model import LoadedModel, load_model
 from .sources import scan
 from .writer import BackgroundWriter
@@ -111,6 +113,7 @@ def embed(config: EmbedConfig) -> EmbedSummary:
             (:class:`store.MetadataMismatch` names each differing field).
     """
     t_start = time.perf_counter()
+    stop_with_launcher()  # workers of a killed launcher would otherwise run on as orphans
     state = _partial_state(config)
     device = _device(config, state)
     if config.threads:

@@ -11,9 +11,11 @@ COCO file names such as ``COCO_train2014_000000123456.jpg`` give the id ``123456
 in decimal, as in the VQA v2 annotations).
 """
 
+import errno
 import logging
 import os
 import re
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "jfif", "png", "bmp", "gif", "webp", "tif", "tiff",
                               "ppm", "pgm", "pbm", "pnm"})
 COCO_STEM = re.compile(r"^COCO_[A-Za-z]+\d*_(\d+)$")
+_FILE_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
+               stat.S_IFBLK: "block device"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class ImageRef:
 
 def read_bytes(ref: ImageRef) -> bytes:
     """The encoded image bytes of ``ref`` (raises OSError when they cannot be read)."""
+    _check_regular_file(ref.path)
     if ref.member is None:
         with open(ref.path, "rb") as f:
             return f.read()
@@ -60,6 +65,19 @@ def read_bytes(ref: ImageRef) -> bytes:
     if len(data) != ref.size:
         raise OSError(f"shard ends after {len(data)} of the member's {ref.size} bytes")
     return data
+
+
+def _check_regular_file(path: str) -> None:
+    """Raise OSError unless ``path`` is a regular file (or a symlink to one), without opening it.
+
+    Opening a FIFO blocks until something writes to it, and a device may never end: either would
+    hang the run, so they are refused (and reported) before ``open``.
+    """
+    mode = os.stat(path).st_mode  # follows symlinks
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    if not stat.S_ISREG(mode):
+        raise OSError(f"not a regular file ({_FILE_KINDS.get(stat.S_IFMT(mode), 'unknown kind')})")
 
 
 def scan(paths, kind: str = "auto", id_pattern: str | None = None) -> list[ImageRef]:

@@ -9,6 +9,9 @@ dims), randomly initialised, saved as safetensors and reloaded through --checkpo
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -265,14 +268,14 @@ def bad_corpus(root: Path) -> tuple[dict, dict]:
     (root / "empty.jpg").write_bytes(b"")
     (root / "text.png").write_text("this is not a PNG")
     Image.new("L", (120, 100)).save(root / "bomb.png")  # 12,000 px > --max-pixels 10,000
-    Image.new("L", (300, 300)).save(root / "hugebomb.png")  # > 2x the limit: PIL refuses on open
+    Image.new("L", (300, 300)).save(root / "hugebomb.png")  # > 2x the limit, where PIL itself refuses
     broken = {
         "missing": "file not found",
         "truncated": "truncated or corrupt image: image file is truncated",
         "empty": "empty file (0 bytes)",
         "text": "not an image (no decoder recognises the data)",
         "bomb": "decompression bomb: 120x100 = 12000 pixels exceeds --max-pixels 10000",
-        "hugebomb": "decompression bomb: Image size (90000 pixels) exceeds limit of 20000 pixels",
+        "hugebomb": "decompression bomb: 300x300 = 90000 pixels exceeds --max-pixels 10000",
     }
     odd = {}
     Image.fromarray(rgb).convert("CMYK").save(root / "cmyk.jpg", quality=95)
@@ -321,6 +324,22 @@ def test_bad_images_are_reported_and_odd_modes_embedded(tmp_path, tiny):
     assert len(report.read_text().splitlines()) == len(broken)
 
 
+def test_a_fifo_among_the_images_is_reported_and_never_opened(tmp_path, tiny):
+    paths = write_images(tmp_path / "imgs", 3)
+    os.mkfifo(tmp_path / "imgs" / "x.jpg")  # opening it would wait for a writer forever
+    (tmp_path / "imgs" / "link.png").symlink_to(paths["img_0"])  # a symlink to a regular file is read
+    cmd = [sys.executable, "-m", "embed", str(tmp_path / "imgs"), "--out", str(tmp_path / "cache"),
+           *model_args(tiny.path), "--num-workers", "0", "--json"]
+    r = subprocess.run(cmd, check=False, capture_output=True, timeout=60)  # a hang fails the test (TimeoutExpired)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    summary = json.loads(r.stdout)
+    assert (summary["embedded"], summary["failed"]) == (4, 1)
+    rows = [json.loads(line) for line in (tmp_path / "cache.failures.jsonl").read_text().splitlines()]
+    assert rows == [{"id": "x", "path": str(tmp_path / "imgs" / "x.jpg"),
+                     "reason": "cannot read: not a regular file (FIFO)"}]
+    assert sorted(read_all(tmp_path / "cache")) == ["img_0", "img_1", "img_2", "link"]
+
+
 def test_open_rgb_refuses_what_it_cannot_decode():
     with pytest.raises(BadImage, match=r"^empty file \(0 bytes\)$"):
         open_rgb(b"")
@@ -332,6 +351,12 @@ def test_open_rgb_refuses_what_it_cannot_decode():
         Image.new("RGB", (4, 4)).save(buf, "PNG")
         open_rgb(buf.getvalue(), max_pixels=10)
     assert Image.MAX_IMAGE_PIXELS == prev  # PIL's global setting is restored
+    # over twice the limit PIL raises its own error, quoting twice the limit: the reason quotes ours
+    buf = io.BytesIO()
+    Image.new("L", (300, 300)).save(buf, "PNG")
+    with pytest.raises(BadImage, match=r"^decompression bomb: 300x300 = 90000 pixels exceeds --max-pixels 10000$"):
+        open_rgb(buf.getvalue(), max_pixels=10_000)
+    assert Image.MAX_IMAGE_PIXELS == prev
 
 
 # -- resume and refusal -------------------------------------------------------------------------

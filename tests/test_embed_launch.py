@@ -1,6 +1,7 @@
 """Stage 1 in real subprocesses: a 2-process accelerate launch equals a single process; a run
 killed with SIGKILL (one process, or the whole 2-process group) resumes into a complete cache in
-which every id appears once and `store verify` is clean.
+which every id appears once and `store verify` is clean; killing the launcher's process group
+stops its workers too (torchrun starts them in sessions of their own).
 
 On a machine without CUDA, `accelerate launch --multi_gpu --num_processes 2` starts the two
 processes through torchrun and they join over gloo (accelerate 1.15's `--cpu` launcher starts a
@@ -80,6 +81,14 @@ def kill_when(proc, condition, timeout=120.0) -> None:
     kill_tree(proc)
 
 
+def alive(p: psutil.Process) -> bool:
+    """Whether ``p`` still runs (a zombie that nobody reaped has stopped)."""
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_two_process_launch_equals_one_process(tmp_path, tiny):
     paths = write_images(tmp_path / "imgs", 23)
     (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
@@ -138,3 +147,33 @@ def test_sigkill_of_a_two_process_launch_leaves_parts_the_rerun_merges(tmp_path,
     assert not part0.exists() and not part1.exists()
     v = verify(cache)
     assert (v["checked"], v["bad"]) == (n, [])
+
+
+def test_killing_the_launchers_process_group_stops_its_workers(tmp_path, tiny):
+    n = 20_000  # one small image listed n times: more work than the workers could finish in the test
+    write_images(tmp_path / "imgs", 1, size=(36, 36))
+    (tmp_path / "list.txt").write_text("".join(f"{i}\timgs/img_0.png\n" for i in range(n)))
+    cache = tmp_path / "cache"
+    part0, part1 = tmp_path / "cache.part0", tmp_path / "cache.part1"
+    with open(tmp_path / "log", "wb") as log:
+        proc = subprocess.Popen(launch_cmd(tmp_path / "list.txt", cache, tiny.path, "--batch-size", "4", "-q"),
+                                stdout=log, stderr=log, env=env(), start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (count(part0) >= 4 and count(part1) >= 4):  # both workers are embedding
+        if proc.poll() is not None or time.monotonic() > deadline:
+            kill_tree(proc)
+            pytest.fail(f"the run ended or made no progress:\n{(tmp_path / 'log').read_text()[-3000:]}")
+        time.sleep(0.01)
+    family = psutil.Process(proc.pid).children(recursive=True)  # the workers and their decode workers
+    assert len(family) >= 2
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun starts its workers in sessions of their own: not in the group
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in family) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [p.pid for p in family if alive(p)]
+    for p in family:  # not left behind when the test fails
+        if alive(p):
+            p.kill()
+    assert left == [], "workers still running 30 s after their launcher was killed"
+    assert count(cache) == 0 and count(part0) + count(part1) < n  # they stopped rather than finish the run
