@@ -112,6 +112,21 @@ class FusionT5Config(T5Config):
     def is_text(self, name: str) -> bool:
         return name in self.text_modalities
 
+    def get_text_config(self, decoder=None, encoder=None):
+        """HF's text config of one end of the model; the decoder's has ``num_decoder_layers`` layers.
+
+        Generation sizes its key/value cache from ``get_text_config(decoder=True).num_hidden_layers``,
+        which for T5 is ``num_layers``, the *encoder's* depth (transformers 5.24 maps
+        ``decoder_layers``, not T5's ``num_decoder_layers``): a decoder deeper than the encoder got
+        too few cache layers and ``generate`` failed with ``IndexError: list index out of range``
+        (stock ``T5ForConditionalGeneration`` too). For the decoder end HF already returns a copy,
+        so setting its depth here changes nothing else.
+        """
+        config = super().get_text_config(decoder=decoder, encoder=encoder)
+        if decoder and not encoder and config is not self:
+            config.num_layers = self.num_decoder_layers
+        return config
+
     def to_t5_config(self) -> T5Config:
         """The stock ``T5Config`` of the same architecture (the fusion fields dropped)."""
         data = {k: v for k, v in self.to_dict().items() if k not in _T5_FILE_KEYS and k not in _FUSION_KEYS}

@@ -39,3 +39,7 @@ class SweepError(PipelineError):
 
 class GridError(SweepError, ValueError):
     """A grid point is impossible for the model or the cache; the message names the flag."""
+
+
+class ResumeError(PipelineError, ValueError):
+    """``--resume`` given settings other than its checkpoint's; the message names the flags."""

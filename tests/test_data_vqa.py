@@ -160,6 +160,60 @@ def test_missing_and_invalid_files(tmp_path):
         read_split(tmp_path, "train")
 
 
+def test_a_question_over_the_length_limit_is_refused_naming_it_and_the_flag(tmp_path):
+    """A 10 MB question would be tokenized again in every batch that holds it: refused at read time."""
+    from click.testing import CliRunner
+
+    from pipelines.cli.data import cli
+
+    q, _ = write_vqa(tmp_path)
+    q["questions"][3]["question"] = "Is there a " + "very " * 2_000_000 + "red circle?"  # 10 MB
+    save(tmp_path, "train", q)
+    qp = questions_path(tmp_path, "train")
+    with pytest.raises(VQAFormatError) as e:
+        read_split(tmp_path, "train")
+    assert str(e.value) == (f"{qp}: question 2001: 10,000,022 characters, more than --max-question-chars 1,000 "
+                            "(VQA v2 questions are under 300)")
+    r = CliRunner().invoke(cli, ["shards", str(tmp_path), str(tmp_path / "qa")])
+    assert r.exit_code == 1 and r.output.endswith(f"Error: {e.value}\n"), r.output
+    assert not (tmp_path / "qa").exists()
+    # The limit is a setting: a longer one reads the question, one below 1 is refused as a usage error.
+    q["questions"][3]["question"] = "Is there a " + "very " * 250 + "red circle?"  # 1,272 characters
+    save(tmp_path, "train", q)
+    assert read_split(tmp_path, "train", max_question_chars=2000)[3].question == q["questions"][3]["question"]
+    with pytest.raises(VQAFormatError, match="question 2001: 1,272 characters, more than --max-question-chars 1,000"):
+        read_vqa(tmp_path)
+    with pytest.raises(ValueError, match="^--max-question-chars 0: must be a positive integer$"):
+        read_split(tmp_path, "train", max_question_chars=0)
+    r = CliRunner().invoke(cli, ["shards", str(tmp_path), str(tmp_path / "qa"), "--max-question-chars", "1300"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["shards", str(tmp_path), str(tmp_path / "qa2"), "--max-question-chars", "0"])
+    assert r.exit_code == 2 and "Invalid value for '--max-question-chars': 0 is not in the range x>=1." in r.output
+
+
+def test_ten_empty_answers_are_refused_naming_the_question(tmp_path):
+    """Nothing can be scored against ten empty answers (any prediction would score 0 or, if empty, 100%)."""
+    ap = annotations_path(tmp_path, "train")
+
+    def all_empty(q, a, root):
+        for answer in a["annotations"][1]["answers"]:
+            answer["answer"] = ""
+    assert _broken(tmp_path, all_empty) == \
+        f"{ap}: annotation of question 1001: all 10 answers are empty, so it cannot be scored"
+
+    def blank(q, a, root):
+        for j, answer in enumerate(a["annotations"][4]["answers"]):
+            answer["answer"] = " " * j
+    assert _broken(tmp_path, blank) == \
+        f"{ap}: annotation of question 3000: all 10 answers are empty, so it cannot be scored"
+    # Some empty answers among real ones: a question like any other.
+    q, a = write_vqa(tmp_path)
+    for answer in a["annotations"][1]["answers"][:9]:
+        answer["answer"] = ""
+    save(tmp_path, "train", q, a)
+    assert read_split(tmp_path, "train")[1].answers == ("",) * 9 + ("yes",)
+
+
 def test_question_ids_unique_across_splits(tmp_path):
     write_vqa(tmp_path, "train", images=(1,))
     write_vqa(tmp_path, "val", images=(1,))

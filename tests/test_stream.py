@@ -263,3 +263,39 @@ def test_loaders_of_one_process_share_the_cache_environment(data):
     assert ra["0"].shape == rb["0"].shape == SHAPE and ra._env is rb._env  # (readers reopen after forks)
     ra.close()
     assert len(collect(b)) == len(records)  # the other loader's reader still reads
+
+
+def test_a_10_mb_question_is_tokenized_as_its_first_kilobytes_and_quickly(tmp_path, caplog):
+    """A huge text is cut before tokenizing: the word tokenizer took ~10 s a batch over a 10 MB
+    question; cut, its tokens are those of the question's first 4 KB, and the batch takes milliseconds."""
+    import logging
+    import time
+
+    from pipelines.data.tokens import build_word_tokenizer, char_limit
+
+    records = make_records(6)
+    huge = "What is " + "red blue " * 1_111_111  # 10 MB of words the tokenizer knows
+    records[4]["question"] = huge
+    build_word_tokenizer([r["question"] for r in records if r is not records[4]] + ANSWERS, tmp_path / "words")
+    shards = write_shards(records, tmp_path / "qa" / "train-%06d.tar", shard_size=1000)
+    make_cache(tmp_path / "cache", sorted({r["image_id"] for r in records}))
+    cfg = config(tmp_path, shards, tokenizer=str(tmp_path / "words"), shuffle_buffer=0, batch_size=len(records))
+    with caplog.at_level(logging.WARNING, logger="pipelines.data.batch"):
+        t = time.perf_counter()
+        (b,) = list(train_loader(cfg))
+        elapsed = time.perf_counter() - t
+    tokenizer = load_tokenizer(str(tmp_path / "words"))
+    i = b["question_id"].tolist().index(records[4]["question_id"])
+    first_kb, _ = tokenizer.encode_batch([huge[:4096]], cfg.max_question_len)  # (1, 128)
+    assert b["input_ids"][i].tolist() == first_kb[0].tolist() and first_kb.shape[1] == cfg.max_question_len
+    assert b["question"][i] == huge[: char_limit(cfg.max_question_len)]  # what travels from the workers
+    for j, r in enumerate(records):  # the others as before
+        if j != 4:
+            k = b["question_id"].tolist().index(r["question_id"])
+            ids, _ = tokenizer.encode_batch([r["question"]], cfg.max_question_len)
+            assert b["input_ids"][k][: ids.shape[1]].tolist() == ids[0].tolist() and b["question"][k] == r["question"]
+    assert elapsed < 3.0, elapsed
+    warnings = [m for m in caplog.messages if "characters: cut to" in m]
+    assert warnings == [(f"question {records[4]['question_id']}: its question has 10,000,007 characters: cut to "
+                         "2,048 before tokenizing (its first 128 tokens are kept either way); other long texts are "
+                         "cut without a warning")]

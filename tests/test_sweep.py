@@ -190,6 +190,38 @@ def test_a_diverged_run_is_recorded_then_kept_unless_retried(data, sweep, tmp_pa
     assert retried["redone"] == [RUNS[3]] and retried["newly_failed"] == [RUNS[3]]
 
 
+def test_a_point_that_raises_is_recorded_as_failed_and_the_sweep_goes_on(data, sweep, tmp_path):
+    """A real error in one run (here its checkpoint, found damaged when the sweep resumes it; before, an
+    IndexError at the first eval of a deep decoder) is that run's result: failed.json with the error,
+    the next points train, the summary is written and the command exits 1 naming the run."""
+    out = copy_of(sweep, tmp_path)
+    name, cfg = RUNS[1], config(data, out)
+    shutil.rmtree(out / "runs" / name)
+    base, todo = plan(cfg)
+    point = next(p for p, _, _ in todo if p.name == name)
+    train(dataclasses.replace(cfg.run_config(base, point), stop_at=5))  # a killed run, to be resumed
+    (out / "runs" / name / "checkpoints" / "last" / "model.safetensors").write_bytes(b"\0" * 64)  # damaged
+    shutil.rmtree(out / "runs" / RUNS[2])  # a point still to do after the failing one
+    result = CliRunner().invoke(main, flags(data, out))
+    assert result.exit_code == 1, result.output
+    assert result.output.splitlines()[-1] == f"Error: 1 run(s) failed: {name} (see {out}/summary.md)"
+    reason = json.loads((out / "runs" / name / "failed.json").read_text())["reason"]
+    assert reason.startswith("SafetensorError: Error while deserializing header"), reason
+    assert f"failed: {name}: {reason}" in result.output
+    assert (out / "runs" / RUNS[2] / "results.json").is_file()  # the sweep went on
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["failed"] == [{"run": name, "reason": reason}] and summary["finished"] == 3
+    assert [(p["fuse_layer"], p["decoder_layers"]) for p in summary["points"]] == [(0, 1), (4, 1), (4, 2)]
+    log = (out / "sweep.log").read_text()
+    assert f"run {name} failed: {reason}" in log and "Traceback (most recent call last)" in log
+    # A rerun keeps the failure (and exits 0: nothing failed this time); --retry-failed redoes the run.
+    again = CliRunner().invoke(main, flags(data, out))
+    assert again.exit_code == 0 and f"skip {name}: failed before" in (out / "sweep.log").read_text()
+    retried = CliRunner().invoke(main, flags(data, out, "--retry-failed"))
+    assert retried.exit_code == 0, retried.output
+    assert (out / "runs" / name / "results.json").is_file() and not (out / "runs" / name / "failed.json").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--fuse-layers", "0,5"],
      "--fuse-layers 5: the encoder of --t5 tiny has 4 layers, so a fusion layer is in 0..4 (0 = early, 4 = late fusion)"),

@@ -1,8 +1,10 @@
 """fuse-train and fuse-eval on real data: shapes images -> the shipped demo ViT -> LMDB cache ->
 WebDataset shards -> the fused T5 (tiny preset). Everything runs for real on the CPU."""
 
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +94,75 @@ def test_resume_continues_exactly(data, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert [h["accuracy"] for h in resumed["history"]] == [h["accuracy"] for h in whole["history"]]
+
+
+def folder_state(path) -> dict:
+    """Every file and folder under ``path``: relative name -> sha256 of the contents (None: a folder)."""
+    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            for p in sorted(Path(path).rglob("*"))}
+
+
+def test_a_refused_resume_changes_nothing_in_the_run_folder(data, tmp_path):
+    """A --resume with other settings than its checkpoint's is refused (exit 2, naming the flags) before
+    anything is written: no new config.json, TensorBoard file or checkpoint; so is a finished run's (exit 1)."""
+    run = tmp_path / "run"
+    base = ["--shards", data / "qa", "--t5", "tiny", "--tokenizer", "words", "--steps", "30", "--eval-every", "15",
+            "--batch-size", "16", "--lr", "3e-3", "--warmup", "0", "--num-workers", "0", "--out", run]
+    r = cli(*base, "--cache", f"image={data / 'cache'}", "--stop-at", "15")
+    assert r.exit_code == 0, r.output
+    shutil.copytree(data / "cache", tmp_path / "moved-cache")
+    before = folder_state(run)
+    assert "config.json" in before and "checkpoints/last/model.safetensors" in before
+    # Another cache path, more steps and another learning rate: what the rewritten config.json used to say.
+    other = [{"30": "40", "3e-3": "5e-3"}.get(a, a) if isinstance(a, str) else a for a in base]
+    r = cli(*other, "--cache", f"image={tmp_path / 'moved-cache'}", "--resume")
+    last = run / "checkpoints" / "last"
+    assert usage_error(r) == (
+        f"Error: --resume: the checkpoint {last} was trained with other settings (--cache: {{'image': "
+        f"'{data / 'cache'}'}} there, {{'image': '{tmp_path / 'moved-cache'}'}} now; --steps: 30 there, 40 now; "
+        "--lr: 0.003 there, 0.005 now): resume with its own settings, or start a new run (--overwrite or another "
+        "--out)\n")
+    assert folder_state(run) == before
+    # With its own settings it goes on (also with --threads, which computes the same), then is finished.
+    r = cli(*base, "--cache", f"image={data / 'cache'}", "--resume", "--threads", "1")
+    assert r.exit_code == 0, r.output
+    finished = folder_state(run)
+    assert finished != before and json.loads((run / "results.json").read_text())["steps"] == 30
+    r = cli(*base, "--cache", f"image={data / 'cache'}", "--resume")
+    assert r.exit_code == 1 and r.output.endswith(
+        f"Error: --resume: {last} is at step 30 of 30: the run is finished, there is nothing to continue\n"), r.output
+    assert folder_state(run) == finished
+
+
+def test_a_decoder_deeper_than_the_preset_trains_evaluates_saves_and_reloads(data, tmp_path):
+    """--decoder-layers 6 on the tiny preset (4 encoder, 2 decoder layers) builds 6 random blocks;
+    generation used to size its cache by the encoder's 4 layers and fail at the first eval
+    (IndexError: list index out of range). A pretrained decoder is only ever cut: more is refused."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    r = train(tiny(data, tmp_path / "deep", decoder_layers=6, steps=6, eval_every=3, eval_limit=32))
+    assert [h["step"] for h in r["history"]] == [3, 6] and r["last"]["count"] >= 32
+    saved = json.loads((tmp_path / "deep/checkpoints/last/config.json").read_text())
+    assert saved["num_decoder_layers"] == 6 and saved["num_layers"] == 4
+    assert {k.split(".")[2] for k in weights(tmp_path / "deep") if k.startswith("decoder.block.")} == \
+        {str(i) for i in range(6)}
+    from pipelines.train.checkpoint import load_checkpoint
+
+    model, *_ = load_checkpoint(tmp_path / "deep")
+    assert len(model.decoder.block) == 6
+    res = CliRunner().invoke(eval_main, [str(tmp_path / "deep"), "--json", "--limit", "32"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["accuracy"] == pytest.approx(r["best"]["accuracy"])
+
+    # A pretrained T5 with 2 decoder blocks: 3 is refused before anything is written, naming the range.
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=4,
+                                             num_decoder_layers=2, num_heads=4, decoder_start_token_id=0))
+    t5.save_pretrained(tmp_path / "t5")
+    out = tmp_path / "pretrained"
+    r = cli("--shards", data / "qa", "--cache", f"image={data / 'cache'}", "--t5", tmp_path / "t5", "--tokenizer",
+            "words", "--steps", "2", "--num-workers", "0", "--decoder-layers", "3", "--out", out)
+    assert usage_error(r) == "Error: --decoder-layers 3: the decoder has 2 blocks (1..2)\n"
+    assert not out.exists()
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(data, tmp_path):

@@ -2,9 +2,9 @@
 ``--cache MODALITY=PATH`` option, logging set-up and the teardown of a distributed run.
 
 Exit codes, the same in every command: 2 (usage) for a setting that is wrong as given (a
-``ValueError`` of a config, naming the flag, or an impossible grid point); 1 for what is found wrong
-in the data or while running (unreadable or missing data, a cache built otherwise, a diverged loss,
-an OS error).
+``ValueError`` of a config, naming the flag, an impossible grid point, or a ``--resume`` with
+settings other than its checkpoint's); 1 for what is found wrong in the data or while running
+(unreadable or missing data, a cache built otherwise, a diverged loss, an OS error).
 """
 
 import logging
@@ -15,7 +15,7 @@ import click
 from embed import EmbedError
 from store import StoreError
 
-from ..errors import GridError, PipelineError
+from ..errors import GridError, PipelineError, ResumeError
 
 
 @contextmanager
@@ -23,7 +23,7 @@ def cli_errors():
     """Library errors become one line on stderr: exit 1, or 2 for a setting wrong as given."""
     try:
         yield
-    except GridError as e:  # an impossible grid point: a setting, though found by reading the model
+    except (GridError, ResumeError) as e:  # settings, though found by reading the model or the checkpoint
         raise click.UsageError(str(e)) from None
     except (PipelineError, StoreError, EmbedError, OSError) as e:
         raise click.ClickException(str(e)) from None

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..data.vqa import MAX_QUESTION_CHARS
 from .common import cli_errors, parse_caches, setup_logging
 
 
@@ -80,12 +81,16 @@ def shapes(out, images, seed, size, questions_per_image, split):
 @click.option("--shard-size", default=1000, show_default=True, help="Records per shard at most.")
 @click.option("--splits", default=None, help="Comma-separated splits of VQA_DIR to pool [all found].")
 @click.option("--no-check-images", is_flag=True, help="Do not require the image files to exist.")
+@click.option("--max-question-chars", type=click.IntRange(min=1), default=MAX_QUESTION_CHARS, show_default=True,
+              help="Refuse a question longer than this (VQA v2 questions are under 300 characters).")
 @_fail_cleanly
-def shards(vqa_dir, out, split_by, seed, eval_fraction, shard_size, splits, no_check_images):
+def shards(vqa_dir, out, split_by, seed, eval_fraction, shard_size, splits, no_check_images, max_question_chars):
     """Split a VQA v2 folder into train and eval and write them as WebDataset shards to OUT.
 
     VQA_DIR is the official layout (or `vqa-data shapes` output); all its splits are pooled and
-    split 80/20. OUT gets train-*.tar, eval-*.tar and manifest.json.
+    split 80/20. OUT gets train-*.tar, eval-*.tar and manifest.json. A record that cannot be used
+    (an empty question or one over --max-question-chars, ten empty answers) stops it with its
+    question id.
 
     Example:
 
@@ -96,7 +101,7 @@ def shards(vqa_dir, out, split_by, seed, eval_fraction, shard_size, splits, no_c
 
     manifest = write_qa_shards(vqa_dir, out, split_by=split_by, seed=seed, eval_fraction=eval_fraction,
                                shard_size=shard_size, splits=splits.split(",") if splits else None,
-                               check_images=not no_check_images)
+                               check_images=not no_check_images, max_question_chars=max_question_chars)
     t, e = manifest["train"], manifest["eval"]
     click.echo(f"train: {t['count']} questions, {t['images']} images, {len(t['shards'])} shards; "
                f"eval: {e['count']} questions, {e['images']} images, {len(e['shards'])} shards -> {out}")

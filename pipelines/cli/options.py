@@ -29,7 +29,9 @@ TRAIN_OPTIONS = [
     ("positions", ("--positions",), dict(metavar="MODALITY[,MODALITY]",
                                          help='Vector modalities whose tokens get a learned position embedding, '
                                               'e.g. "image" ("": none).')),
-    ("decoder_layers", ("--decoder-layers",), dict(type=int, help="Keep the first N decoder blocks.")),
+    ("decoder_layers", ("--decoder-layers",), dict(type=int, help="Decoder depth: the first N blocks of a "
+                                                                 "pretrained T5 (1 to its depth), or N random "
+                                                                 "ones for a preset.")),
     ("steps", ("--steps",), dict(type=int, help="Optimizer steps.")),
     ("batch_size", ("--batch-size",), dict(type=int, help="Samples per process per micro-batch.")),
     ("grad_accum", ("--grad-accum",), dict(type=int, help="Micro-batches per optimizer step.")),

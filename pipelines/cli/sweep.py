@@ -107,7 +107,8 @@ def main():
               help="Poolings: none or TYPE:LENGTH (mean, max, attention), e.g. none,mean:4,attention:4.  "
                    "[default: none]")
 @click.option("--repeats", type=int, help="Runs per grid point (seeds --seed, --seed + 1, ...).  [default: 1]")
-@click.option("--retry-failed", is_flag=True, default=None, help="Redo runs that diverged in an earlier sweep.")
+@click.option("--retry-failed", is_flag=True, default=None,
+              help="Redo runs that failed (diverged or raised) in an earlier sweep.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (each run: todo, finished, failed, broken) and stop.")
 @train_options(skip=_SWEEP_OWNS)
 def run(caches, grid, dry_run, **flags):
@@ -115,7 +116,8 @@ def run(caches, grid, dry_run, **flags):
 
     Finished runs are skipped; a run folder without a whole results.json (a killed run) goes on
     from its last checkpoint if it was started with the same settings, else it is deleted and run
-    again; a run whose loss diverged is recorded as failed. All fuse-train options below
+    again; a run whose loss diverges, or that raises any other error, is recorded as failed
+    (OUT/runs/RUN/failed.json, with the reason) and the sweep goes on. All fuse-train options below
     --dry-run apply to every run (--seed is the first repeat's seed).
 
     Example:
@@ -144,7 +146,7 @@ def run(caches, grid, dry_run, **flags):
         summary = run_sweep(cfg, planned=(base, todo))
     _echo_summary(summary)
     if summary["newly_failed"]:
-        raise click.ClickException(f"{len(summary['newly_failed'])} run(s) diverged: "
+        raise click.ClickException(f"{len(summary['newly_failed'])} run(s) failed: "
                                    f"{', '.join(summary['newly_failed'])} (see {cfg.out}/summary.md)")
 
 

@@ -23,7 +23,7 @@ from store import CorruptValueError, MissingIdError
 
 from ..errors import PipelineError
 from ..metrics.vqa import target_answer
-from .tokens import load_tokenizer
+from .tokens import char_limit, cut_text, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,9 @@ class Collate:
 
     Runs in the DataLoader workers. Arrays are numpy (pickled inline to the main process: cheaper
     than one shared-memory segment per small tensor); :class:`AttachVectors` makes them tensors.
-    The tokenizer is loaded on first use in each process and never pickled.
+    The tokenizer is loaded on first use in each process and never pickled. Questions and targets
+    are cut to :func:`~pipelines.data.tokens.char_limit` characters first (the tokens are the same;
+    a huge text costs no more than a long one), with a warning for the first text cut.
     """
 
     def __init__(self, modalities: dict, tokenizer: str = "byt5", max_question_len: int = 128,
@@ -67,6 +69,7 @@ class Collate:
         self.modalities = dict(modalities)  # modality -> record id field
         self.tokenizer_name, self.max_question_len, self.max_answer_len = tokenizer, max_question_len, max_answer_len
         self._tokenizer = None
+        self._warned = False  # about a cut text: once per process and stream
 
     @property
     def tokenizer(self):
@@ -77,9 +80,23 @@ class Collate:
     def __getstate__(self):
         return {**self.__dict__, "_tokenizer": None}
 
+    def cut(self, samples: list, texts: list, max_length: int, what: str) -> list:
+        """``texts`` cut by :func:`~pipelines.data.tokens.cut_text`; the first one cut is logged."""
+        out = [cut_text(t, max_length) for t in texts]
+        if not self._warned:
+            for sample, text, kept in zip(samples, texts, out):
+                if len(kept) < len(text):
+                    log.warning("question %s: its %s has %s characters: cut to %s before tokenizing (its first "
+                                "%d tokens are kept either way); other long texts are cut without a warning",
+                                sample.get("question_id"), what, f"{len(text):,}", f"{char_limit(max_length):,}",
+                                max_length)
+                    self._warned = True
+                    break
+        return out
+
     def __call__(self, samples: list) -> dict:
-        questions = [s["question"] for s in samples]
-        targets = [target_answer(s["answers"]) for s in samples]
+        questions = self.cut(samples, [s["question"] for s in samples], self.max_question_len, "question")
+        targets = self.cut(samples, [target_answer(s["answers"]) for s in samples], self.max_answer_len, "answer")
         input_ids, attention_mask = self.tokenizer.encode_batch(questions, self.max_question_len)  # (B, Lq)
         answer_ids, answer_mask = self.tokenizer.encode_batch(targets, self.max_answer_len)  # (B, La)
         return {

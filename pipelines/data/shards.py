@@ -26,7 +26,7 @@ from ..errors import DatasetExistsError, PipelineError
 from ..files import write_atomic
 from .splits import split_records
 from .tokens import build_word_tokenizer
-from .vqa import QARecord, read_vqa
+from .vqa import MAX_QUESTION_CHARS, QARecord, read_vqa
 
 MANIFEST = "manifest.json"
 WORD_TOKENIZER = "tokenizer"
@@ -91,7 +91,7 @@ def _refuse_existing(out: Path) -> None:
 
 def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_fraction: float = 0.2,
                     shard_size: int = 1000, min_shards: int = 8, splits=None,
-                    check_images: bool = True) -> dict:
+                    check_images: bool = True, max_question_chars: int = MAX_QUESTION_CHARS) -> dict:
     """Read a VQA v2 folder, split it 80/20 (by default) and write train and eval shards.
 
     Args:
@@ -101,13 +101,14 @@ def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_f
         shard_size, min_shards: see :func:`write_shards`.
         splits: which splits of ``vqa_dir`` to pool (default: all found).
         check_images: require every image file to exist.
+        max_question_chars: refuse a question longer than this (see :func:`pipelines.data.vqa.read_split`).
 
     Returns:
         The manifest (also written to ``out/manifest.json``).
     """
     out = Path(out)
     _refuse_existing(out)
-    records = read_vqa(vqa_dir, splits=splits, check_images=check_images)
+    records = read_vqa(vqa_dir, splits=splits, check_images=check_images, max_question_chars=max_question_chars)
     train, evals = split_records(records, by=split_by, eval_fraction=eval_fraction, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {

@@ -38,11 +38,13 @@ key                type                         what
 ``ids``            dict name -> list of B str   each modality's ids
 ``question_id``    int64 tensor (B,)
 ``image_id``       list of B str
-``question``       list of B str
+``question``       list of B str                cut to :func:`pipelines.data.tokens.char_limit`
+                                                characters (2,048 for 128 tokens)
 ``answers``        list of B lists of 10 str    for :class:`pipelines.metrics.vqa.VQAScore`
 ``answer_type``    list of B str
 ``question_type``  list of B str                the official question type ("" if none)
-``target``         list of B str                the most frequent answer (the labels' text)
+``target``         list of B str                the most frequent answer (the labels' text), cut
+                                                as the question
 ================== ============================ ==============================================
 """
 

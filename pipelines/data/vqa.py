@@ -8,7 +8,9 @@ The layout, per split (``train``, ``val``; the synthetic shapes dataset writes t
                                                        "question_type", "multiple_choice_answer"}]}
     {split}2014/COCO_{split}2014_{image_id:012d}.jpg
 
-Every problem is reported as ``FILE: RECORD: PROBLEM`` in a :class:`VQAFormatError`.
+Every problem is reported as ``FILE: RECORD: PROBLEM`` in a :class:`VQAFormatError`; a record
+that cannot be used (an empty question, one longer than ``max_question_chars``, ten empty answers)
+is refused, not skipped.
 """
 
 import json
@@ -20,6 +22,9 @@ from pathlib import Path
 from ..errors import VQAFormatError
 
 ANSWERS_PER_QUESTION = 10
+# VQA v2 questions are under 300 characters; a longer one is a broken file, and a huge one would be
+# tokenized again in every batch that holds it (``vqa-data shards --max-question-chars``).
+MAX_QUESTION_CHARS = 1000
 _QUESTIONS_RE = re.compile(r"^v2_OpenEnded_mscoco_(\w+?)2014_questions\.json$")
 
 
@@ -128,7 +133,7 @@ def _label(rec, index, kind):
     return f"{kind} #{index}"
 
 
-def _read_questions(path: Path) -> dict:
+def _read_questions(path: Path, max_chars: int = MAX_QUESTION_CHARS) -> dict:
     questions = {}
     for i, rec in enumerate(_load(path, "questions")):
         label = _label(rec, i, "question")
@@ -139,6 +144,9 @@ def _read_questions(path: Path) -> dict:
         text = _str_field(rec, "question", path, label)
         if not text.strip():
             raise VQAFormatError(f"{path}: {label}: empty question")
+        if len(text) > max_chars:
+            raise VQAFormatError(f"{path}: {label}: {len(text):,} characters, more than --max-question-chars "
+                                 f"{max_chars:,} (VQA v2 questions are under 300)")
         if qid in questions:
             raise VQAFormatError(f"{path}: {label}: duplicate question_id")
         questions[qid] = (image_id, text)
@@ -157,24 +165,31 @@ def _answers(rec, path, label) -> tuple:
         if not isinstance(text, str):
             raise VQAFormatError(f"{path}: {label}: answers[{j}] has no answer string")
         out.append(text)
+    if not any(a.strip() for a in out):  # no prediction can be scored against ten empty answers
+        raise VQAFormatError(f"{path}: {label}: all {ANSWERS_PER_QUESTION} answers are empty, so it cannot be scored")
     return tuple(out)
 
 
-def read_split(root, split: str, check_images: bool = True) -> list:
+def read_split(root, split: str, check_images: bool = True, max_question_chars: int = MAX_QUESTION_CHARS) -> list:
     """Read one split's questions and annotations into :class:`QARecord` s (questions file order).
 
     Args:
         root: the folder holding the JSON files (and the image folders).
         split: ``train``, ``val``, ...
         check_images: require every image file to exist under ``{split}2014/``.
+        max_question_chars: refuse a question longer than this (``--max-question-chars``).
 
     Raises:
         VQAFormatError: a file is missing or malformed, a question has no annotation (or the other
-            way round), question and annotation disagree on the image, an answer list is not 10
-            long, or an image is missing.
+            way round), question and annotation disagree on the image, a question is empty or
+            longer than ``max_question_chars``, an answer list is not 10 long or all its answers
+            are empty, or an image is missing.
+        ValueError: ``max_question_chars`` is below 1.
     """
+    if isinstance(max_question_chars, bool) or not isinstance(max_question_chars, int) or max_question_chars < 1:
+        raise ValueError(f"--max-question-chars {max_question_chars}: must be a positive integer")
     qpath, apath = questions_path(root, split), annotations_path(root, split)
-    questions = _read_questions(qpath)
+    questions = _read_questions(qpath, max_question_chars)
     annotations = {}
     for i, rec in enumerate(_load(apath, "annotations")):
         label = _label(rec, i, "annotation of question")
@@ -221,12 +236,12 @@ def _check_images(root, split, qpath, questions):
                                  f"(no {folder.name}/{name})")
 
 
-def read_vqa(root, splits=None, check_images: bool = True) -> list:
-    """Read and concatenate several splits (default: every split found under ``root``)."""
+def read_vqa(root, splits=None, check_images: bool = True, max_question_chars: int = MAX_QUESTION_CHARS) -> list:
+    """Read and concatenate several splits (default: every split found under ``root``); see :func:`read_split`."""
     splits = discover_splits(root) if splits is None else list(splits)
     records, seen = [], {}
     for split in splits:
-        for rec in read_split(root, split, check_images=check_images):
+        for rec in read_split(root, split, check_images=check_images, max_question_chars=max_question_chars):
             if rec.question_id in seen:
                 raise VQAFormatError(f"{questions_path(root, split)}: question {rec.question_id}: "
                                      f"question_id also used in split {seen[rec.question_id]!r}")

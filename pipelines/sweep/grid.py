@@ -1,7 +1,7 @@
 """The names a sweep folder is made of, and how grid points sort.
 
 A runs directory holds ``runs/<point>/`` (one training each: ``results.json``, or ``failed.json``
-when its loss diverged), ``summary.{json,csv,md}`` and ``figures/``.
+with the reason when its loss diverged or it raised), ``summary.{json,csv,md}`` and ``figures/``.
 """
 
 from dataclasses import dataclass

@@ -49,7 +49,7 @@ class SweepConfig:
         repeats: runs per grid point, seeds ``seed``, ``seed + 1``, ...
         train: ``fuse-train`` settings shared by every run (``preset``, ``file`` (a config file) and
             TrainConfig fields; ``None`` values are not given).
-        retry_failed: redo runs that failed (diverged) before, instead of keeping their failure.
+        retry_failed: redo runs that failed (diverged or raised) before, instead of keeping their failure.
     """
 
     out: str

@@ -3,7 +3,7 @@
 Every run directory under ``RUNS_DIR/runs/`` is read and classified:
 
 - *finished*: ``results.json`` is whole and has what the summary needs;
-- *failed*: ``failed.json`` (the training diverged; a result, kept, not retried by default);
+- *failed*: ``failed.json`` (the training diverged or raised; kept, not retried by default);
 - *broken*: no ``results.json`` (killed, or still running) or one that cannot be read.
 
 Finished runs are grouped by grid point (fusion layer, decoder layers, pooling) — read from each
@@ -157,7 +157,8 @@ def read_failure(run_dir: Path) -> str | None:
 
 def classify(run_dir: Path) -> tuple:
     """``(status, reason, record)`` of a run folder: ``finished`` with its :class:`RunRecord`,
-    ``failed`` (a ``failed.json`` and no ``results.json``: the loss diverged) or ``broken``."""
+    ``failed`` (a ``failed.json`` and no ``results.json``: the loss diverged or the run raised) or
+    ``broken``."""
     reason = read_failure(run_dir)
     if reason is not None and not (Path(run_dir) / RESULTS).exists():
         return "failed", reason, None

@@ -1,10 +1,12 @@
 """Running a sweep: every unfinished grid point trained in turn, then the summary and figures.
 
 The runs go one after the other in this process, each through :func:`pipelines.train.loop.train`.
-A rerun skips finished runs (whole ``results.json`` with the same settings), keeps failed ones
-(``failed.json``: the loss diverged) unless asked to retry, continues broken ones (a folder without
-a whole ``results.json``: killed mid-run) from their last checkpoint when they were started with
-the same settings and redoes the others, so a sweep survives being killed.
+A run that raises (its loss diverged, or any other error) is recorded as failed (``failed.json``
+with the reason) and the sweep goes on to the next point. A rerun skips finished runs (whole
+``results.json`` with the same settings), keeps failed ones unless asked to retry, continues
+broken ones (a folder without a whole ``results.json``: killed mid-run) from their last checkpoint
+when they were started with the same settings and redoes the others, so a sweep survives being
+killed.
 """
 
 import dataclasses
@@ -37,12 +39,35 @@ def prepare_shards(cfg: SweepConfig) -> None:
              manifest["eval"]["count"], cfg.vqa, qa)
 
 
+def failure_reason(error: Exception) -> str:
+    """What ``failed.json`` says of a run that raised ``error``: ``diverged: ...`` for a loss that
+    stopped being finite, else the exception's type and message (``IndexError: list index out of range``)."""
+    if isinstance(error, TrainingDiverged):
+        return f"diverged: {error}"
+    message = " ".join(str(error).split())  # one line: summary.md lists it, the traceback goes to the log
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def record_failure(run_dir: Path, name: str, error: Exception) -> None:
+    """Write ``failed.json`` for a run that raised ``error``, and log it (with the traceback unless
+    the loss diverged, which is a result, not a bug)."""
+    reason = failure_reason(error)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED).write_text(json.dumps({"reason": reason}, indent=2) + "\n")
+    if isinstance(error, TrainingDiverged):
+        log.error("run %s failed: %s", name, reason)
+    else:
+        log.error("run %s failed: %s", name, reason, exc_info=error)
+
+
 def run_sweep(cfg: SweepConfig, train_fn=None, planned: tuple = None) -> dict:
     """Run every unfinished grid point, then write the summary and figures.
 
     A broken run (killed, or still running elsewhere) goes on from its last checkpoint when
     :func:`resumable`; otherwise it is deleted and done again, as is a failed one with
-    ``retry_failed``.
+    ``retry_failed``. A run that raises is recorded as failed (:func:`record_failure`) and the
+    sweep goes on: one point's error (a diverged loss, a bug, a bad checkpoint) costs that point,
+    not the grid and its summary.
 
     Args:
         cfg: the sweep.
@@ -96,10 +121,8 @@ def run_sweep(cfg: SweepConfig, train_fn=None, planned: tuple = None) -> dict:
                  point.name, run.fuse, run.pool, run.decoder_layers, run.seed)
         try:
             results = train_fn(run, train_checked=True)
-        except TrainingDiverged as e:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / FAILED).write_text(json.dumps({"reason": f"diverged: {e}"}, indent=2) + "\n")
-            log.error("run %s failed: %s", point.name, e)
+        except Exception as e:  # noqa: BLE001 - a point's failure is its result; the grid goes on (Ctrl-C stops it)
+            record_failure(run_dir, point.name, e)
             newly_failed.append(point.name)
             continue
         ran.append(point.name)

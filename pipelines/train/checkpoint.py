@@ -62,6 +62,22 @@ def save_checkpoint(path: Path, model, optimizer=None, schedule=None, state=None
     replace_dir(tmp, path)
 
 
+def read_checkpoint_json(path: Path, name: str) -> dict:
+    """A JSON file of a checkpoint folder (``fuse_run.json``, ``trainer_state.json``) as a dict.
+
+    Raises:
+        PipelineError: missing or unreadable.
+    """
+    file = existing_dir(path) / name
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{file}: cannot read it ({e})") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{file}: expected a JSON object")
+    return data
+
+
 def load_train_state(path: Path, optimizer, schedule) -> dict:
     """Restore optimizer, schedule and RNG from a ``last`` checkpoint; returns its trainer state."""
     path = existing_dir(path)

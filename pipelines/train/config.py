@@ -5,7 +5,7 @@ command line. The resolved config is saved as ``OUT/config.json`` and in ``resul
 """
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 
@@ -33,6 +33,13 @@ TRAIN_PRESETS = {
                  expect={"image": {"producer": {"model": "vit_shapes_patch16_48"}}}),
 }
 
+# Settings a --resume may change: where the run is, how it is shown and how many threads or which
+# device compute it, none of what it computes (a preset is only a name: its values are compared).
+# Every other one (the model, the data and its order, the optimizer, the schedule, the evaluation)
+# must be the checkpoint's: the continued run would otherwise be another run under the same name,
+# its history mixing two.
+RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "stop_at", "progress", "log_every", "threads", "device", "preset")
+
 
 @dataclass
 class TrainConfig:
@@ -47,7 +54,8 @@ class TrainConfig:
         pool: pooling per vector modality, e.g. ``"image:attention:14"`` (empty: none).
         positions: vector modalities whose tokens get a learned position embedding, e.g. ``"image"``
             (empty: none; see :class:`fuse.FusionT5Config`).
-        decoder_layers: keep the first N decoder blocks (default: all).
+        decoder_layers: the decoder's depth: the first N blocks of a pretrained T5 (1 to its depth), or
+            N random blocks of a preset, more than its own if asked (default: the model's own).
         expect: modality -> partial cache metadata the model needs (refuses other caches).
         warmup: fraction of the steps (< 1) or a number of steps.
         eval_limit: score at most this many eval questions per evaluation (default or 0: all).
@@ -164,6 +172,26 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def differences(self, saved: dict, ignore=()) -> list:
+        """``[(setting, saved value, this value)]`` for each setting whose value differs from ``saved``
+        (a :meth:`to_dict` read back from JSON), in field order. A setting ``saved`` lacks (written
+        by an older version) counts as its default; one this version does not know is ignored."""
+        mine = json.loads(json.dumps(self.to_dict()))  # the JSON types ``saved`` has: lists, not tuples
+        out = []
+        for f in fields(self):
+            if f.name in ignore:
+                continue
+            default = f.default_factory() if f.default_factory is not MISSING else f.default
+            theirs = saved.get(f.name, json.loads(json.dumps(default)))
+            if theirs != mine[f.name]:
+                out.append((f.name, theirs, mine[f.name]))
+        return out
+
+    @staticmethod
+    def flag(name: str) -> str:
+        """The CLI flag of a setting: ``batch_size`` -> ``--batch-size``, ``caches`` -> ``--cache``."""
+        return "--cache" if name == "caches" else "--" + name.replace("_", "-")
 
     def save(self, path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -13,7 +13,8 @@ holds::
 
 Checkpoints are written to a temporary folder and renamed into place, so a killed run always has a
 whole one; ``--resume`` continues from ``last`` with the same data order (the stream's epoch and
-position are saved) and the same random state.
+position are saved) and the same random state, given the run's own settings (:func:`check_resume`
+refuses others before anything in the run folder changes).
 """
 
 import json
@@ -31,15 +32,18 @@ from fuse import FusionT5ForConditionalGeneration, train_step_flops
 
 from ..data.stream import check_stream, eval_loader, open_caches
 from ..data.tokens import load_tokenizer
-from ..errors import PipelineError, TrainingDiverged
+from ..errors import PipelineError, ResumeError, TrainingDiverged
 from ..files import existing_dir, write_atomic
 from .checkpoint import (
+    RUN_FILE,
+    TRAINER_STATE,
     checkpoint_dirs,
     has_checkpoint,
     load_train_state,
+    read_checkpoint_json,
     save_checkpoint,
 )
-from .config import TEXT, TrainConfig
+from .config import RESUME_MAY_CHANGE, TEXT, TrainConfig
 from .evaluate import evaluate
 from .model import build_model, make_optimizer, make_schedule, model_inputs
 from .streams import batches, stream_configs
@@ -91,16 +95,44 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def check_out_dir(cfg: TrainConfig) -> None:
-    """Refuse to overwrite a finished or unfinished run unless asked, and to resume from nothing."""
+    """Refuse to overwrite a finished or unfinished run unless asked, and to resume from nothing
+    (or from another run's settings: :func:`check_resume`)."""
     out = Path(cfg.out)
     last, _ = checkpoint_dirs(out)
     if cfg.resume and not has_checkpoint(last):
         raise PipelineError(f"--resume: {last} holds no checkpoint to resume from")
+    if cfg.resume:
+        check_resume(cfg, last)
     if not cfg.resume and (out / "results.json").exists() and not cfg.overwrite:
         raise PipelineError(f"{out} already holds a finished run: pass --resume, --overwrite or another --out")
     if not cfg.resume and existing_dir(last).exists() and not cfg.overwrite:
         raise PipelineError(f"{out} holds the checkpoint of an unfinished run ({last}): pass --resume to "
                             "continue it, --overwrite to start again, or another --out")
+
+
+def check_resume(cfg: TrainConfig, last: Path) -> None:
+    """A ``--resume`` continues the checkpoint's own run: with its settings (all but
+    :data:`~pipelines.train.config.RESUME_MAY_CHANGE`) and short of its last step. Checked before
+    anything is written, so a refused resume leaves the run folder as it was.
+
+    Raises:
+        ResumeError: settings that differ from the checkpoint's (exit 2), naming their flags.
+        PipelineError: the run is finished, or the checkpoint's records are unreadable.
+    """
+    saved = read_checkpoint_json(last, RUN_FILE).get("config")
+    if not isinstance(saved, dict):
+        raise PipelineError(f"{existing_dir(last) / RUN_FILE}: no 'config' of the run")
+    diff = cfg.differences(saved, ignore=RESUME_MAY_CHANGE)
+    if diff:
+        detail = "; ".join(f"{cfg.flag(k)}: {have!r} there, {want!r} now" for k, have, want in diff[:4])
+        more = f"; and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise ResumeError(f"--resume: the checkpoint {existing_dir(last)} was trained with other settings "
+                          f"({detail}{more}): resume with its own settings, or start a new run (--overwrite "
+                          "or another --out)")
+    step = read_checkpoint_json(last, TRAINER_STATE).get("step")
+    if isinstance(step, int) and step >= cfg.steps:
+        raise PipelineError(f"--resume: {existing_dir(last)} is at step {step} of {cfg.steps}: the run is "
+                            "finished, there is nothing to continue")
 
 
 def open_data(cfg: TrainConfig, accelerator, train_checked: bool = False) -> RunData:
