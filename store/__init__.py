@@ -3,7 +3,7 @@
 from .cache import CacheReader, CacheWriter
 from .env import is_cache
 from .errors import (
-    CorruptValueError, MetadataMismatch, MissingIdError, NotACacheError, SchemaError, StoreError,
+    CacheDamagedError, CorruptValueError, MetadataMismatch, MissingIdError, NotACacheError, SchemaError, StoreError,
     ValueShapeError,
 )
 from .format import DTYPES, SCHEMA_VERSION, CacheMeta
@@ -12,5 +12,5 @@ from .ops import AtomicShardWriter, export, info, merge, stats, verify
 __all__ = [
     "CacheReader", "CacheWriter", "CacheMeta", "is_cache", "info", "stats", "verify", "merge", "export",
     "AtomicShardWriter", "StoreError", "NotACacheError", "SchemaError", "MetadataMismatch",
-    "MissingIdError", "CorruptValueError", "ValueShapeError", "DTYPES", "SCHEMA_VERSION",
+    "MissingIdError", "CorruptValueError", "CacheDamagedError", "ValueShapeError", "DTYPES", "SCHEMA_VERSION",
 ]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .env import DEFAULT_MAP_SIZE, SHARED, _lmdb, open_env, read_meta
+from .env import DEFAULT_MAP_SIZE, SHARED, _lmdb, damaged, is_cache, open_env, read_meta
 from .errors import CorruptValueError, MetadataMismatch, MissingIdError, NotACacheError, StoreError
 from .format import (
     DB_CHECKSUMS, DB_EMBEDDINGS, DB_META, META_KEY, CacheMeta, checksum, decode, encode, now_iso,
@@ -43,6 +43,25 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_close_readers_before_fork)
 
 
+_CRC_POOL = None
+_CRC_POOL_LOCK = threading.Lock()
+
+
+def _crc_rows(rows: list) -> list:
+    """The CRC-32s of ``rows`` (buffers), in threads when there are several large ones: zlib
+    releases the GIL while it sums a buffer over 5 KiB, so the sums of a batch run side by side."""
+    global _CRC_POOL
+    if len(rows) < 4 or len(rows[0]) < (64 << 10):
+        return [checksum(r) for r in rows]
+    with _CRC_POOL_LOCK:
+        if _CRC_POOL is None or _CRC_POOL[1] != os.getpid():  # a forked child makes its own
+            from concurrent.futures import ThreadPoolExecutor
+
+            _CRC_POOL = (ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                            thread_name_prefix="store-crc"), os.getpid())
+    return list(_CRC_POOL[0].map(checksum, rows))
+
+
 def _key(image_id) -> bytes:
     key = str(image_id).encode("utf-8")
     if not key or len(key) > 511:
@@ -62,7 +81,9 @@ class CacheWriter:
         shape: shape of one value; required when creating, checked when reopening.
         dtype: ``float16`` (default), ``bfloat16`` or ``float32``.
         producer: what made the values; when reopening, every key given must equal the stored one
-            (a cache built by another model, weights or preprocessing is refused).
+            (a cache built by another model, weights or preprocessing is refused). When creating,
+            its keys are the cache's identity (:attr:`store.CacheMeta.identity`) unless
+            ``identity`` names them; fields added by :meth:`update_producer` are for information.
         overwrite: replace ids that exist instead of skipping them.
         batch_size: entries per transaction.
         map_size: initial map size in bytes; grown before a transaction that might not fit, and
@@ -74,7 +95,7 @@ class CacheWriter:
     """
 
     def __init__(self, path, shape=None, dtype="float16", producer=None, overwrite=False,
-                 batch_size=256, map_size=DEFAULT_MAP_SIZE):
+                 batch_size=256, map_size=DEFAULT_MAP_SIZE, identity=None):
         self.path = Path(path)
         self.overwrite = overwrite
         self.batch_size = batch_size
@@ -84,13 +105,18 @@ class CacheWriter:
         if SHARED.is_open(self.path):
             raise StoreError(f"{self.path}: a CacheReader of this cache is open in this process; close it "
                              "before writing (LMDB opens an environment once per process)")
+        if is_cache(self.path):
+            from .walk import check_index
+
+            check_index(self.path)  # never write into a damaged cache (nor crash reading it)
         self.env = open_env(self.path, readonly=False, map_size=map_size)
         try:
             self.meta = self._existing_meta()
             if self.meta is None:
                 if shape is None:
                     raise StoreError(f"{self.path}: a new cache needs a shape")
-                self.meta = CacheMeta(shape=shape, dtype=dtype, producer=dict(producer or {}))
+                self.meta = CacheMeta(shape=shape, dtype=dtype, producer=dict(producer or {}),
+                                      identity=sorted(producer or {}) if identity is None else list(identity))
             else:
                 want = {"dtype": dtype, "producer": dict(producer or {})}
                 if shape is not None:
@@ -280,19 +306,27 @@ class CacheReader:
     The readers of one cache in one process share its environment (LMDB opens an environment once
     per process): each has its own read transaction, and closing one leaves the others reading.
 
+    Every value is checked against its CRC-32 the first time this reader returns it (~110 µs for
+    301 KB: ``bench/store_bench.py``), so a corrupt value is an error naming its id, never a silent
+    input; later reads of the id cost nothing more. An LMDB error (damaged pages) is a
+    :class:`CacheDamagedError` naming the cache.
+
     Args:
         path: directory of the LMDB environment.
         expect: optional partial metadata the caller relies on, e.g.
             ``{"shape": [196, 768], "producer": {"model": "vit_base_patch16_224"}}``;
             any difference raises :class:`MetadataMismatch` naming every differing field.
+        verify: check each value's checksum on its first read (default); False only to measure.
 
     Example:
         >>> with CacheReader("cache", expect={"shape": [196, 768]}) as r:
         ...     x = r["123"]          # np.ndarray (196, 768), float16
     """
 
-    def __init__(self, path, expect=None):
+    def __init__(self, path, expect=None, verify: bool = True):
         self.path = Path(path)
+        self.verify = verify
+        self._verified = set()  # keys whose checksum this reader has checked
         self._env = self._txn = self._pid = self._lease = None
         key, env, dbs = SHARED.lease(self.path)
         try:
@@ -304,6 +338,7 @@ class CacheReader:
             self.check(expect)
 
     def _set_layout(self):
+        self._lmdb_error = _lmdb().Error
         self._nbytes, self._shape = self.meta.nbytes, self.meta.shape
         self._np_dtype = None if self.meta.dtype == "bfloat16" else np.dtype(self.meta.dtype)
 
@@ -330,7 +365,11 @@ class CacheReader:
     def txn(self):
         """A long-lived read transaction of this process (a snapshot of the cache)."""
         if self._txn is None:  # None after a fork or unpickling too: see _close_readers_before_fork
-            self._txn = self._open().begin(buffers=True)
+            env = self._open()
+            try:
+                self._txn = env.begin(buffers=True)
+            except self._lmdb_error as e:
+                raise damaged(self.path, e) from None
         return self._txn
 
     def _bad_value(self, image_id, buf) -> StoreError:
@@ -339,11 +378,36 @@ class CacheReader:
         return CorruptValueError(f"id {str(image_id)!r} in {self.path}: value of {len(buf)} bytes, "
                                  f"expected {self._nbytes}")
 
-    def __getitem__(self, image_id) -> np.ndarray:
-        # The hot path of training: one lookup, one copy out of the map, no per-call setup.
-        buf = (self._txn or self.txn).get(str(image_id).encode(), db=self._db)
+    def _check(self, txn, keys: list, crcs: list) -> None:
+        """Compare values' CRC-32s with the stored ones; the keys pass once per reader."""
+        try:
+            stored = [txn.get(key, db=self._crc_db) for key in keys]
+        except self._lmdb_error as e:
+            raise damaged(self.path, e) from None
+        for key, crc, want in zip(keys, crcs, stored):
+            if want is None or crc != want:
+                why = "no checksum recorded" if want is None else "checksum mismatch"
+                raise CorruptValueError(f"id {key.decode(errors='replace')!r} in {self.path}: {why}, the "
+                                        f"value is corrupted (`store verify {self.path}` lists every bad id; "
+                                        "embed it again)")
+        self._verified.update(keys)
+
+    def _get(self, txn, key: bytes, image_id):
+        """The value buffer of ``key``, its size checked."""
+        try:
+            buf = txn.get(key, db=self._db)
+        except self._lmdb_error as e:
+            raise damaged(self.path, e) from None
         if buf is None or len(buf) != self._nbytes:
             raise self._bad_value(image_id, buf)
+        return buf
+
+    def __getitem__(self, image_id) -> np.ndarray:
+        # The hot path of training: one lookup, one copy out of the map, no per-call setup.
+        txn, key = self._txn or self.txn, str(image_id).encode()
+        buf = self._get(txn, key, image_id)
+        if self.verify and key not in self._verified:
+            self._check(txn, [key], [checksum(buf)])
         if self._np_dtype is None:
             return decode(buf, self.meta)
         return np.frombuffer(buf, self._np_dtype).reshape(self._shape).copy()
@@ -359,7 +423,7 @@ class CacheReader:
             out: an array to fill instead: C-contiguous, of the shape and dtype this returns.
 
         Raises:
-            MissingIdError, CorruptValueError: as ``reader[id]``, for the first bad id.
+            MissingIdError, CorruptValueError, CacheDamagedError: as ``reader[id]``, for the first bad id.
         """
         n, shape, dtype = self._nbytes, (len(ids), *self._shape), np.dtype(self._np_dtype or np.int16)
         if out is None:
@@ -367,12 +431,15 @@ class CacheReader:
         elif not out.flags.c_contiguous or out.shape != shape or out.dtype != dtype:
             raise StoreError(f"get_batch: out must be a C-contiguous {dtype} array of shape {shape}")
         rows = memoryview(out.reshape(-1).view(np.uint8))  # (len(ids) * n,): a row = one slice, one memcpy
-        txn, db = self._txn or self.txn, self._db
+        txn, unchecked = self._txn or self.txn, []
         for i, image_id in enumerate(ids):
-            buf = txn.get(str(image_id).encode(), db=db)
-            if buf is None or len(buf) != n:
-                raise self._bad_value(image_id, buf)
-            rows[i * n:(i + 1) * n] = buf
+            key = str(image_id).encode()
+            rows[i * n:(i + 1) * n] = self._get(txn, key, image_id)
+            if self.verify and key not in self._verified:
+                unchecked.append((i, key))
+        if unchecked:  # the copies are checked: what is returned is what was stored
+            crcs = _crc_rows([rows[i * n:(i + 1) * n] for i, _ in unchecked])
+            self._check(txn, [key for _, key in unchecked], crcs)
         return out
 
     def get(self, image_id, default=None):
@@ -382,24 +449,49 @@ class CacheReader:
             return default
 
     def __contains__(self, image_id) -> bool:
-        return self.txn.get(_key(image_id), db=self._db) is not None
+        try:
+            return self.txn.get(_key(image_id), db=self._db) is not None
+        except self._lmdb_error as e:
+            raise damaged(self.path, e) from None
 
     def __len__(self) -> int:
-        return self.txn.stat(self._db)["entries"]
+        try:
+            return self.txn.stat(self._db)["entries"]
+        except self._lmdb_error as e:
+            raise damaged(self.path, e) from None
 
     def keys(self):
         """Every id, in byte order."""
-        with self.txn.cursor(db=self._db) as cur:
-            for key in cur.iternext(keys=True, values=False):
-                yield bytes(key).decode("utf-8")
+        try:
+            with self.txn.cursor(db=self._db) as cur:
+                for key in cur.iternext(keys=True, values=False):
+                    yield bytes(key).decode("utf-8")
+        except self._lmdb_error as e:
+            raise damaged(self.path, e) from None
+
+    def keys_raw(self, checksums: bool = False):
+        """Every key (bytes) of the values' database, or of the checksums' one, in byte order."""
+        try:
+            with self.txn.cursor(db=self._crc_db if checksums else self._db) as cur:
+                for key in cur.iternext(keys=True, values=False):
+                    yield bytes(key)
+        except self._lmdb_error as e:
+            raise damaged(self.path, e) from None
 
     def items_raw(self):
-        """``(key bytes, value bytes, checksum bytes or None)`` for every entry, in key order."""
+        """``(key bytes, value bytes, checksum bytes or None)`` for every entry, in key order.
+
+        Raises:
+            CacheDamagedError: at the first damaged page (the entries before it were yielded).
+        """
         txn = self.txn
-        with txn.cursor(db=self._db) as cur:
-            for key, value in cur:
-                crc = txn.get(key, db=self._crc_db)
-                yield bytes(key), bytes(value), (bytes(crc) if crc is not None else None)
+        try:
+            with txn.cursor(db=self._db) as cur:
+                for key, value in cur:
+                    crc = txn.get(key, db=self._crc_db)
+                    yield bytes(key), bytes(value), (bytes(crc) if crc is not None else None)
+        except self._lmdb_error as e:
+            raise damaged(self.path, e) from None
 
     def missing(self, ids) -> list:
         return [i for i in ids if i not in self]
@@ -419,9 +511,10 @@ class CacheReader:
         self.close()
 
     def __getstate__(self):  # spawn/pickling: send the path, reopen on the other side
-        return {"path": self.path, "meta": self.meta}
+        return {"path": self.path, "meta": self.meta, "verify": self.verify}
 
     def __setstate__(self, state):
-        self.path, self.meta = state["path"], state["meta"]
+        self.path, self.meta, self.verify = state["path"], state["meta"], state.get("verify", True)
+        self._verified = set()
         self._env = self._txn = self._pid = self._lease = None
         self._set_layout()

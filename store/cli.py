@@ -19,10 +19,23 @@ def _fail_on_store_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except BrokenPipeError:
+            raise  # the reader of our output left (`store ls cache | head`): click exits 1, quietly
         except (StoreError, OSError) as e:
             raise click.ClickException(str(e)) from None
 
     return wrapper
+
+
+def _checked(path):
+    """``path``, once a walk of its index in a child process found no damage: a damaged page can
+    crash LMDB (SIGSEGV, SIGBUS), and a shell tool must say so instead of dying (:mod:`store.walk`)."""
+    from .env import is_cache
+    from .walk import check_index
+
+    if is_cache(path):  # else the reader says what the path is
+        check_index(path)
+    return path
 
 
 def _size(n) -> str:
@@ -69,7 +82,7 @@ def info(path, as_json):
 
         store info runs/cache --json
     """
-    d = ops.info(path)
+    d = ops.info(_checked(path))
     rows = [("path", d["path"]), ("entries", d["count"]), ("shape", "×".join(map(str, d["shape"]))),
             ("dtype", d["dtype"]), ("bytes per value", d["bytes_per_value"]),
             ("size on disk", _size(d["size_on_disk"])),
@@ -93,7 +106,7 @@ def ls(path, limit, as_json):
 
         store ls runs/cache --limit 10
     """
-    with CacheReader(path) as r:
+    with CacheReader(_checked(path)) as r:
         ids = []
         for i, key in enumerate(r.keys()):
             if limit is not None and i >= limit:
@@ -119,7 +132,7 @@ def get(path, image_id, npy, as_json):
 
         store get runs/cache 42 --npy 42.npy
     """
-    with CacheReader(path) as r:
+    with CacheReader(_checked(path)) as r:
         try:
             value = r[image_id]
         except MissingIdError as e:
@@ -148,12 +161,10 @@ def verify(path, as_json):
     """
     from tqdm import tqdm
 
-    with CacheReader(path) as r:
-        total = len(r)
-    if total == 0:
+    with tqdm(unit="value", disable=as_json or not sys.stderr.isatty(), leave=False) as bar:
+        d = ops.verify(path, progress=bar.update, on_total=lambda n: setattr(bar, "total", n))
+    if d["checked"] == 0 and not d["bad"]:
         raise click.ClickException(f"{path}: the cache is empty, nothing to verify")
-    with tqdm(total=total, unit="value", disable=as_json or not sys.stderr.isatty(), leave=False) as bar:
-        d = ops.verify(path, progress=bar.update)
     if as_json:
         click.echo(json.dumps(d, indent=2, ensure_ascii=False))
     else:
@@ -178,7 +189,7 @@ def missing(path, ids_file, as_json):
         store missing runs/cache --ids image_ids.txt > todo.txt
     """
     ids = [line.rstrip("\n").split("\t")[0] for line in ids_file if line.strip()]
-    with CacheReader(path) as r:
+    with CacheReader(_checked(path)) as r:
         absent = r.missing(ids)
     if as_json:
         click.echo(json.dumps({"checked": len(ids), "missing": absent}, ensure_ascii=False))
@@ -201,6 +212,8 @@ def merge(dst, srcs, overwrite, as_json):
 
         store merge runs/cache runs/cache.part0 runs/cache.part1
     """
+    for p in (dst, *srcs):
+        _checked(p)
     d = ops.merge(dst, srcs, overwrite=overwrite)
     _emit(d, as_json, [("copied", d["copied"]), ("skipped (already in DST)", d["skipped"])])
 
@@ -218,7 +231,7 @@ def export(path, out_pattern, maxcount, as_json):
 
         store export runs/cache 'shards/emb-%06d.tar' --maxcount 5000
     """
-    d = ops.export(path, out_pattern, maxcount=maxcount)
+    d = ops.export(_checked(path), out_pattern, maxcount=maxcount)
     _emit(d, as_json, [("exported", d["count"]), ("shards", len(d["shards"]))] +
           [("", s) for s in d["shards"]])
 

@@ -34,6 +34,10 @@ class MissingIdError(StoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class CacheDamagedError(StoreError):
+    """The cache's file is damaged: shorter than the database it holds, or with unreadable pages."""
+
+
 class CorruptValueError(StoreError):
     """A stored value has the wrong size or fails its checksum."""
 

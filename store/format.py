@@ -55,6 +55,9 @@ class CacheMeta:
         producer: what made the values (stage 1 fills it: model, weights, weights_hash,
             preprocessing, tokens, versions). Compared when a writer reopens the cache.
         count: number of entries, updated in the same transaction as the entries.
+        identity: the producer fields that decide the values (those given when the cache was
+            created; fields added later, such as versions or the run's settings, are for
+            information). Empty in caches written before it existed: then every field counts.
     """
 
     shape: tuple
@@ -66,6 +69,7 @@ class CacheMeta:
     schema_version: int = SCHEMA_VERSION
     format: str = FORMAT_NAME
     checksum: str = "crc32"
+    identity: list = field(default_factory=list)
 
     def __post_init__(self):
         self.shape = tuple(int(s) for s in self.shape)
@@ -99,6 +103,14 @@ class CacheMeta:
                 "rebuild it with `embed` (the values cannot be read safely)")
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+    def defining(self) -> dict:
+        """What decides the values: shape, dtype and the producer's identity fields (every producer
+        field when the cache predates :attr:`identity`). Two caches are interchangeable, and may
+        be merged, when these are equal."""
+        producer = {k: self.producer[k] for k in self.identity if k in self.producer} if self.identity \
+            else dict(self.producer)
+        return {"shape": list(self.shape), "dtype": self.dtype, "producer": producer}
 
     def differences(self, expected: dict, prefix="") -> list:
         """Fields whose values differ from ``expected`` (a possibly nested, partial dict).

@@ -10,6 +10,7 @@ from .cache import CacheReader, CacheWriter
 from .env import is_cache
 from .errors import CorruptValueError, MetadataMismatch, StoreError
 from .format import checksum, decode
+from .walk import walk_values
 
 
 def disk_bytes(path) -> int:
@@ -72,33 +73,24 @@ def check_entry(key: bytes, value, crc, meta) -> str | None:
     return None
 
 
-def verify(path, progress=None) -> dict:
-    """Check every entry's size, checksum and finiteness.
+def verify(path, progress=None, on_total=None) -> dict:
+    """Check every entry's size, checksum and finiteness, in a child process (:mod:`store.walk`).
+
+    A damaged page stops the walk, even one that crashes LMDB: the entries before it are reported
+    as checked, and the damage as one bad entry ``<damaged>``.
 
     Returns:
-        ``{"checked": n, "bad": [{"id": ..., "reason": ...}, ...], "count_in_meta": m}``.
+        ``{"checked": n, "bad": [{"id": ..., "reason": ...}, ...], "count_in_meta": m, "damaged": bool}``.
     """
-    bad = []
-    checked = 0
-    with CacheReader(path) as r:
-        for key, value, crc in r.items_raw():
-            reason = check_entry(key, value, crc, r.meta)
-            if reason:
-                bad.append({"id": key.decode("utf-8", errors="replace"), "reason": reason})
-            checked += 1
-            if progress:
-                progress(1)
-        meta_count = r.meta.count
-    if meta_count != checked:
-        bad.append({"id": "<metadata>", "reason": f"count {meta_count} in metadata, {checked} entries"})
-    return {"checked": checked, "bad": bad, "count_in_meta": meta_count}
+    return walk_values(path, progress, on_total)
 
 
 def merge(dst, srcs, overwrite=False, batch_size=256) -> dict:
     """Copy every entry of ``srcs`` into ``dst`` (created with the first source's metadata).
 
-    Every source is checked first (metadata compatible with the destination, every value intact),
-    so a bad source leaves the destination as it was.
+    Every source is checked first (what decides the values, :meth:`store.CacheMeta.defining`, equal
+    to the destination's; every value intact), so a bad source leaves the destination as it was.
+    Fields recorded for information (versions, the embedding run's folders and settings) may differ.
 
     Returns:
         ``{"copied": n, "skipped": m}`` (skipped: ids already in ``dst``).
@@ -109,12 +101,14 @@ def merge(dst, srcs, overwrite=False, batch_size=256) -> dict:
     readers = [CacheReader(s) for s in srcs]
     try:
         base = readers[0].meta
-        if is_cache(dst):
+        new = not is_cache(dst)
+        if not new:
             with CacheReader(dst) as d:
                 base = d.meta
-        want = {"shape": list(base.shape), "dtype": base.dtype, "producer": base.producer}
+        want = base.defining()  # only what decides the values: not versions, folders or settings
         for r in readers:
-            diffs = r.meta.differences(want)
+            diffs = r.meta.differences(want) or [(f, have, want) for f, want, have in
+                                                 base.differences(r.meta.defining())]
             if diffs:
                 raise MetadataMismatch(r.path, diffs)
             for key, value, crc in r.items_raw():
@@ -122,7 +116,8 @@ def merge(dst, srcs, overwrite=False, batch_size=256) -> dict:
                 if reason:
                     raise CorruptValueError(f"{r.path}: id {key.decode(errors='replace')!r}: {reason}; "
                                             f"nothing was merged")
-        with CacheWriter(dst, shape=base.shape, dtype=base.dtype, producer=base.producer,
+        with CacheWriter(dst, shape=base.shape, dtype=base.dtype,
+                         producer=base.producer if new else want["producer"], identity=base.identity or None,
                          overwrite=overwrite, batch_size=batch_size) as w:
             for r in readers:
                 for key, value, crc in r.items_raw():

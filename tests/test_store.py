@@ -219,7 +219,7 @@ def test_a_reader_dropped_without_close_lets_go_of_the_environment(tmp_path):
 
 def test_verify_finds_a_value_corrupted_on_disk(tmp_path):
     make_cache(tmp_path / "c", ["a", "b", "c"])
-    assert verify(tmp_path / "c") == {"checked": 3, "bad": [], "count_in_meta": 3}
+    assert verify(tmp_path / "c") == {"checked": 3, "bad": [], "count_in_meta": 3, "damaged": False}
     corrupt_one_value(tmp_path / "c", "b")
     report = verify(tmp_path / "c")
     assert report["bad"] == [{"id": "b", "reason": "checksum mismatch (value corrupted)"}]

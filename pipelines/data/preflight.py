@@ -3,6 +3,8 @@
 import logging
 from dataclasses import dataclass
 
+from store.walk import check_index
+
 from ..errors import MissingEmbeddingsError
 from .batch import DEFAULT_ID_FIELD
 
@@ -39,10 +41,17 @@ def preflight(records, readers: dict, id_fields: dict = None, allow_missing: boo
         id_fields: modality -> record field holding its id (default ``image_id``).
         allow_missing: drop those records (logged as a warning) instead of failing.
 
+    Each cache's index is walked first, in a child process (:func:`store.walk.check_index`): a
+    damaged page is a :class:`store.CacheDamagedError` naming the cache, not a crash of this
+    process nor ids reported missing. The values are checked (CRC-32) as the stream first reads them.
+
     Raises:
+        CacheDamagedError: a cache's index is damaged.
         MissingEmbeddingsError: ids are missing and ``allow_missing`` is false; the message gives,
             per modality, how many ids and records, and up to 5 example ids.
     """
+    for reader in readers.values():  # damaged index pages: an error naming the cache, not a crash
+        check_index(reader.path)
     records = list(records)
     id_fields = id_fields or {}
     bad = set()  # indices of records to drop
