@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lmdb
 import numpy as np
 import pytest
 
@@ -26,9 +27,17 @@ P_LEAF, P_OVERFLOW = 0x02, 0x04
 
 
 def make_cache(path: Path, n: int = N, producer=None) -> Path:
-    with CacheWriter(path, shape=SHAPE, producer=producer or {"model": "m"}) as w:
+    """A cache of ``n`` values, compacted: every page in its file is live (no stale copies left
+    by copy-on-write), so the page that holds a key is the one LMDB reads."""
+    draft = path.with_name(path.name + ".draft")
+    with CacheWriter(draft, shape=SHAPE, producer=producer or {"model": "m"}) as w:
         for i in range(n):
             w.put(str(i), np.full(SHAPE, i, dtype=np.float16))  # each value its own bytes
+    path.mkdir()
+    env = lmdb.open(str(draft), readonly=True, max_dbs=8, lock=False)
+    env.copy(str(path), compact=True)
+    env.close()
+    shutil.rmtree(draft)
     return path
 
 
@@ -51,11 +60,25 @@ def pages(path: Path):
             yield i, flags, page
 
 
-def leaf_holding(path: Path, needle: bytes) -> int:
-    """The number of the leaf page whose bytes hold ``needle``."""
-    found = [i for i, flags, page in pages(path) if flags & P_LEAF and needle in page]
-    assert found, needle
-    return found[-1]  # the newest copy (copy-on-write): the one the last commit points to
+def leaf_nodes(page: bytes):
+    """``(offset of the key's bytes, key)`` of each node of a leaf page, from its pointer table:
+    the page header ends with ``lower`` (u16 at 12), the end of the u16 node offsets that follow it;
+    a node is lo, hi, flags, ksize (u16 each), then the key. Free space inside a page holds stale
+    bytes, so a key is found through the table, never by searching the page's bytes."""
+    lower = struct.unpack_from("<H", page, 12)[0]
+    for k in range((lower - 16) // 2):
+        at = struct.unpack_from("<H", page, 16 + 2 * k)[0]
+        ksize = struct.unpack_from("<H", page, at + 6)[0]
+        yield at + 8, page[at + 8:at + 8 + ksize]
+
+
+def leaf_holding(path: Path, key: bytes) -> tuple[int, int]:
+    """``(page number, offset in the page)`` of ``key`` in the leaf page that holds it (the last
+    such page: a key of the values' database is also one of the checksums' database)."""
+    found = [(i, at) for i, flags, page in pages(path) if flags & P_LEAF
+             for at, k in leaf_nodes(page) if k == key]
+    assert found, key
+    return found[-1]
 
 
 def damage(path: Path, pgno: int, offset: int, data: bytes) -> None:
@@ -88,7 +111,7 @@ def test_damaged_index_pages_are_named_not_a_traceback_or_a_crash(cache, tmp_pat
     # The main database's leaf page: the names of the cache's three databases.
     main = tmp_path / "main"
     shutil.copytree(cache, main)
-    damage(main, leaf_holding(main, b"embeddings"), 16, os.urandom(64))
+    damage(main, leaf_holding(main, b"embeddings")[0], 16, os.urandom(64))
     for args in (["verify", main], ["get", main, "7"], ["info", main]):
         r = cli("store", *args)
         assert r.returncode == 1, (args, r.returncode, r.stderr)
@@ -97,7 +120,7 @@ def test_damaged_index_pages_are_named_not_a_traceback_or_a_crash(cache, tmp_pat
     # A leaf of the values' database, its node offsets overwritten: LMDB reads garbage.
     leaf = tmp_path / "leaf"
     shutil.copytree(cache, leaf)
-    damage(leaf, leaf_holding(leaf, b"199"), 16, b"\xff" * 64)
+    damage(leaf, leaf_holding(leaf, b"199")[0], 16, b"\xff" * 64)
     r = cli("store", "verify", leaf, "--json")
     assert r.returncode == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
     report = json.loads(r.stdout)
@@ -109,9 +132,8 @@ def test_damaged_index_pages_are_named_not_a_traceback_or_a_crash(cache, tmp_pat
 def test_a_damaged_key_is_reported_as_damage_not_as_a_missing_id(cache, tmp_path):
     # One byte of one id in the values' leaf: a lookup of "123" now finds nothing, which the
     # pre-flight check used to report as "lacks 1 of N ids".
-    pgno = leaf_holding(cache, b"123")
-    page = (cache / "data.mdb").read_bytes()[pgno * 4096:(pgno + 1) * 4096]
-    damage(cache, pgno, page.index(b"123"), b"12\x7f")
+    pgno, at = leaf_holding(cache, b"123")
+    damage(cache, pgno, at, b"12\x7f")
     # (the page holding "123" may be the values' leaf or the checksums' one: either is damage)
     with pytest.raises(CacheDamagedError, match=r"first difference: value id '12(3|\\x7f)', checksum id '12"):
         check_index(cache)
