@@ -47,7 +47,11 @@ def _format_summary(s) -> list[str]:
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
               help="The cache directory: created, or resumed (ids it holds are skipped).")
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="A timm model name.")
-@click.option("--pretrained", is_flag=True, help="Take the model's pretrained weights from the hub.")
+@click.option("--pretrained/--no-pretrained", default=None,
+              help="The model's pretrained weights: those shipped with this project (the demo ViT "
+                   "vit_shapes_patch16_48's) or else from the hub; --no-pretrained: random weights "
+                   "(seeded by --seed). [default: the shipped weights where a model has them, else "
+                   "random ones, with a warning]")
 @click.option("--checkpoint", type=click.Path(dir_okay=False),
               help="Local weights: .safetensors, or .pth/.pt/.bin/.ckpt read with weights_only=True.")
 @click.option("--model-kwargs", default="{}", metavar="JSON",
@@ -101,6 +105,7 @@ def cli(images, out, model, pretrained, checkpoint, model_kwargs, img_size, laye
     \b
         embed train2014/ --out cache/vit_b16 --pretrained --batch-size 256
         accelerate launch --num_processes 2 -m embed train2014/ --out cache/vit_b16 --pretrained
+        embed shapes/train2014 --out cache/demo --model vit_shapes_patch16_48   # shipped weights
     """
     _setup_logging(verbose, quiet)
     try:

@@ -25,7 +25,10 @@ class EmbedConfig:
             (brace patterns such as ``imgs-{000..009}.tar`` are expanded).
         out: the cache directory (created, or resumed when it exists).
         model: a timm model name.
-        pretrained: take the model's pretrained weights from the hub.
+        pretrained: True: the model's pretrained weights (shipped with this project, as
+            ``vit_shapes_patch16_48``'s, or from the hub); False: random weights (seeded by
+            ``seed``); None (default): the shipped weights where the model has them (see
+            :func:`embed.registry.shipped_weights`), else random ones, unless ``checkpoint`` is given.
         checkpoint: a local weights file (``.safetensors``, or ``.pth``/``.pt``/``.bin``/``.ckpt``
             read with ``torch.load(weights_only=True)``).
         model_kwargs: extra keyword arguments of ``timm.create_model`` (e.g. ``{"depth": 2}``).
@@ -44,7 +47,7 @@ class EmbedConfig:
         draft: let JPEGs decode at a reduced DCT scale when still at least the resize target.
         decode_on_device: decode JPEGs on the GPU (``torchvision.io.decode_jpeg``).
         pin_memory: pin batches for the host-to-device copy; None means "when on CUDA".
-        seed: seed of the random initialisation (no ``--pretrained``/``--checkpoint``).
+        seed: seed of a random initialisation.
         failures: the failures report; None puts ``<out>.failures.jsonl`` beside the cache.
         queue_size: batches that may wait for the cache writer before the forward pass blocks.
         progress: show a progress bar on the main process.
@@ -53,7 +56,7 @@ class EmbedConfig:
     images: tuple
     out: str
     model: str = DEFAULT_MODEL
-    pretrained: bool = False
+    pretrained: bool | None = None
     checkpoint: str | None = None
     model_kwargs: dict = field(default_factory=dict)
     img_size: int | None = None
@@ -86,8 +89,9 @@ class EmbedConfig:
             raise ValueError("--out: give the cache directory")
         if not self.model:
             raise ValueError("--model: give a timm model name, e.g. vit_base_patch16_224")
-        if self.pretrained and self.checkpoint:
-            raise ValueError("--pretrained and --checkpoint exclude each other: choose one source of weights")
+        if self.pretrained is not None and self.checkpoint:
+            flag = "--pretrained" if self.pretrained else "--no-pretrained"
+            raise ValueError(f"{flag} and --checkpoint exclude each other: choose one source of weights")
         if self.checkpoint is not None:
             self.checkpoint = str(self.checkpoint)
             if not Path(self.checkpoint).is_file():

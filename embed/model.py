@@ -35,7 +35,7 @@ class LoadedModel:
         model: the timm model, in eval mode, on its device.
         name: the timm model name.
         create_kwargs: keyword arguments it was created with (besides ``pretrained``).
-        weights: ``random``, ``pretrained:<hub id>`` or ``checkpoint:<path>``.
+        weights: ``random``, ``pretrained:<hub id or model.tag>`` or ``checkpoint:<path>``.
         weights_hash: sha256 of the loaded state dict (names, dtypes, shapes and bytes).
         data_config: timm's resolved data config (input_size, interpolation, mean, std, crop).
         pil_transform: the PIL part of timm's eval transform; ends with a uint8 ``(3, H, W)`` tensor.
@@ -111,34 +111,41 @@ def load_model(config: EmbedConfig, device="cpu") -> LoadedModel:
     import timm
     from timm.data import create_transform, resolve_data_config
 
-    from . import registry  # noqa: F401  registers the project's own timm models (vit_shapes_patch16_48)
+    from . import registry  # registers the project's own timm models (vit_shapes_patch16_48)
 
     name, kwargs = config.model, config.create_kwargs()
     if not timm.is_model(name):
         raise ModelError(f"--model {name}: timm has no such model (see timm.list_models())")
+    pretrained = config.pretrained
+    if pretrained is None:  # the default: weights that ship with the project, else random ones
+        pretrained = not config.checkpoint and registry.shipped_weights(name) is not None
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)  # random init is reproducible: every process, every rerun
-            model = timm.create_model(name, pretrained=config.pretrained, **kwargs)
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
         raise ModelError(f"--model-kwargs {json.dumps(config.model_kwargs)}: {name} does not accept them "
                          f"({e})") from None
     except Exception as e:  # the hub path raises many types (HTTP, offline, cache, timeout)
-        if not config.pretrained:
+        if not pretrained:
             raise ModelError(f"--model {name}: timm could not create it ({type(e).__name__}: {e})") from None
         raise ModelError(f"--pretrained: cannot fetch the weights of {name} ({type(e).__name__}: {e}); "
                          "without internet, download them elsewhere and pass --checkpoint FILE") from None
     if config.checkpoint:
         _load_checkpoint(model, config.checkpoint, name)
         weights = f"checkpoint:{Path(config.checkpoint).resolve()}"
-    elif config.pretrained:
+    elif pretrained:
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         tag = cfg.get("hf_hub_id") or ".".join(filter(None, [cfg.get("architecture", name), cfg.get("tag")]))
         weights = f"pretrained:{tag}"
     else:
         weights = "random"
-        log.warning("RANDOM WEIGHTS: %s is randomly initialised (seed %d): its embeddings carry no "
-                    "meaning. Pass --pretrained or --checkpoint FILE for real ones.", name, config.seed)
+        if config.pretrained is False:
+            log.warning("RANDOM WEIGHTS: %s is randomly initialised (seed %d), as --no-pretrained asks: "
+                        "its embeddings carry no meaning.", name, config.seed)
+        else:
+            log.warning("RANDOM WEIGHTS: %s is randomly initialised (seed %d): its embeddings carry no "
+                        "meaning. Pass --pretrained or --checkpoint FILE for real ones.", name, config.seed)
     model.eval().requires_grad_(False)
     weights_hash = state_dict_hash(model)
 
