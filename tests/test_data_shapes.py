@@ -53,6 +53,28 @@ def test_writes_the_vqa_layout_the_reader_accepts(tmp_path):
         write_shapes(tmp_path, images=1)
 
 
+def test_a_val_split_beside_the_train_split_with_ids_of_its_own(tmp_path):
+    """VQA v2's layout has train and val in one folder; the cache keys images by id, so a second split
+    needs other ids (--first-id) and, to be other images, another seed."""
+    from click.testing import CliRunner
+
+    from pipelines.cli.data import cli
+
+    write_shapes(tmp_path, images=6, seed=0, size=32)
+    r = CliRunner().invoke(cli, ["shapes", str(tmp_path), "--images", "4", "--split", "val", "--seed", "1",
+                                 "--first-id", "100001", "--size", "32"])
+    assert r.exit_code == 0, r.output
+    records = read_vqa(tmp_path)
+    val = [r for r in records if r.split == "val"]
+    assert sorted({r.image_id for r in val}) == ["100001", "100002", "100003", "100004"]
+    assert {r.question_id // 1000 for r in val} == {100001, 100002, 100003, 100004}
+    assert image_path(tmp_path, "val", 100001).is_file()
+    # val image 100001 is image 0 of seed 1: another scene than train's image 1 (image 0 of seed 0)
+    assert make_image(1, 0, first_id=100001)[0] != make_image(0, 0)[0]
+    with pytest.raises(ValueError, match="^--first-id -1: must be a non-negative integer$"):
+        write_shapes(tmp_path / "x", images=1, first_id=-1)
+
+
 def test_the_image_shows_what_the_answers_say():
     objects, _, qas = make_image(0, 5)
     img = np.asarray(render(objects, 96)).astype(int)

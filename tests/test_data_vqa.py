@@ -75,9 +75,67 @@ def test_image_check_can_be_skipped(tmp_path):
     qpath = questions_path(tmp_path, "train")
     with pytest.raises(VQAFormatError) as e:
         read_split(tmp_path, "train")
-    assert str(e.value) == (f"{tmp_path / 'train2014'}: no such image folder (needed by {qpath.name}; "
-                            "skip the image check to read the questions without images)")
+    assert str(e.value) == (f"{tmp_path / 'train2014'}: no such image folder (needed by {qpath.name}): give the "
+                            "folder that holds train2014/ with --images-root, or skip the image check with "
+                            "--no-check-images")
     assert len(read_split(tmp_path, "train", check_images=False)) == 6
+
+
+def test_images_may_live_apart_from_the_question_files(tmp_path):
+    """COCO is usually stored apart from VQA's JSON files: images_root names the folder of train2014/."""
+    write_vqa(tmp_path / "vqa")
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "vqa" / "train2014").rename(tmp_path / "coco" / "train2014")
+    with pytest.raises(VQAFormatError, match="no such image folder .*--images-root"):
+        read_vqa(tmp_path / "vqa")
+    assert read_vqa(tmp_path / "vqa", images_root=tmp_path / "coco") == read_split(tmp_path / "vqa", "train",
+                                                                                   check_images=False)
+    image_path(tmp_path / "coco", "train", 3).unlink()
+    with pytest.raises(VQAFormatError) as e:
+        read_split(tmp_path / "vqa", "train", images_root=tmp_path / "coco")
+    assert str(e.value) == (f"{questions_path(tmp_path / 'vqa', 'train')}: question 3000: unknown image 3 "
+                            "(no train2014/COCO_train2014_000000000003.jpg)")
+
+
+def test_the_test_splits_are_of_2015_and_have_no_annotations(tmp_path):
+    """VQA v2's test-dev and test questions come without annotations, over the images of test2015/;
+    they are read (answers empty) only when asked, and never pooled into shards."""
+    write_vqa(tmp_path, "train", images=(1, 2))
+    q, _ = write_vqa(tmp_path, "test-dev", images=(7, 8))
+    annotations_path(tmp_path, "test-dev").unlink()
+    assert questions_path(tmp_path, "test-dev").name == "v2_OpenEnded_mscoco_test-dev2015_questions.json"
+    assert image_path(tmp_path, "test-dev", 7).relative_to(tmp_path).as_posix() == \
+        "test2015/COCO_test2015_000000000007.jpg"
+    assert image_path(tmp_path, "test", 7) == image_path(tmp_path, "test-dev", 7)
+    assert discover_splits(tmp_path) == ["test-dev", "train"]
+    assert discover_splits(tmp_path, annotated=True) == ["train"]
+    assert [r.split for r in read_vqa(tmp_path)] == ["train"] * 4  # pools the annotated splits
+    with pytest.raises(VQAFormatError, match="annotations.json: no such file"):
+        read_split(tmp_path, "test-dev")
+    records = read_split(tmp_path, "test-dev", require_annotations=False)
+    assert [r.question_id for r in records] == [x["question_id"] for x in q["questions"]]
+    assert records[0] == QARecord(question_id=7000, image_id="7", question="Question 7000?", answers=(),
+                                  answer_type="", multiple_choice_answer="", question_type="", split="test-dev")
+    image_path(tmp_path, "test-dev", 8).unlink()
+    with pytest.raises(VQAFormatError, match=r"unknown image 8 \(no test2015/COCO_test2015_000000000008.jpg\)"):
+        read_split(tmp_path, "test-dev", require_annotations=False)
+    # a file of another year is not VQA v2's
+    questions_path(tmp_path, "train").rename(tmp_path / "v2_OpenEnded_mscoco_train2015_questions.json")
+    assert discover_splits(tmp_path) == ["test-dev"]
+
+
+def test_one_image_id_in_two_image_folders_is_refused(tmp_path):
+    """The cache keys images by id: train2014's image 1 and val2014's image 1 would share an embedding."""
+    write_vqa(tmp_path, "train", images=(1, 2))
+    q, a = write_vqa(tmp_path, "val", images=(2,))
+    for rec in q["questions"] + a["annotations"]:
+        rec["question_id"] += 500
+    save(tmp_path, "val", q, a)
+    with pytest.raises(VQAFormatError) as e:
+        read_vqa(tmp_path)
+    assert str(e.value) == (f"{questions_path(tmp_path, 'val')}: question 2500: image_id 2 also names an image "
+                            "of train2014/: the embedding cache keys images by id, so image ids must differ "
+                            "between image folders")
 
 
 def _broken(tmp_path, edit):
@@ -249,6 +307,8 @@ def test_split_by_question_and_bad_arguments():
         split_records(records, by="pixel")
     with pytest.raises(ValueError, match="^--eval-fraction 1.0: must be between 0 and 1$"):
         split_records(records, eval_fraction=1.0)
-    with pytest.raises(ValueError, match="need at least 2 to split"):
+    with pytest.raises(ValueError, match="^--eval-fraction 0.2 --split-by image: 1 distinct image"):
         split_records(_records(1))
+    with pytest.raises(ValueError, match="^--select-fraction 0.05 --split-by image: 1 distinct image.*need at least"):
+        split_records(_records(1), eval_fraction=0.05, flag="--select-fraction")
     assert [len(s) for s in split_records(_records(2, 1), eval_fraction=0.01)] == [1, 1]

@@ -114,6 +114,32 @@ def test_eval_order_is_fixed_and_ranks_share_it_exactly(data):
     assert len(eval_loader(cfg, rank=0, world_size=3)) == 6  # ceil(40 / 7)
 
 
+def test_eval_limit_is_exact_across_ranks_and_records_may_be_given(data):
+    """--eval-limit N scores the first N questions, not whole batches past N (2,000 used to score 2,048),
+    and the same N whatever the number of processes."""
+    tmp_path, records, shards = data
+    cfg = config(tmp_path, shards, batch_size=8)
+    in_order = [r["question_id"] for r in records]
+    assert collect(eval_loader(cfg, 0, 1, limit=13)) == in_order[:13]
+    parts = [collect(eval_loader(cfg, r, 3, limit=13)) for r in range(3)]
+    assert parts == [in_order[:13][r::3] for r in range(3)]
+    assert collect(eval_loader(cfg, 0, 1, limit=0)) == in_order  # 0: all
+    given = [{**records[5], "answers": []}, records[2]]  # e.g. a test split's question: no answers
+    batch = next(iter(eval_loader(cfg, 0, 1, records=given)))
+    assert batch["question_id"].tolist() == [records[5]["question_id"], records[2]["question_id"]]
+    assert batch["answers"][0] == [] and batch["target"][0] == ""
+
+
+def test_a_question_only_stream_needs_no_cache(data):
+    """fuse-train --fuse 0:question without --cache: a stream of questions and answers alone."""
+    tmp_path, records, shards = data
+    cfg = StreamConfig(shards=shards, caches={}, batch_size=8, num_workers=0, shuffle_buffer=0)
+    b = next(iter(train_loader(cfg)))
+    assert b["vectors"] == {} and b["ids"] == {} and b["input_ids"].shape[0] == 8
+    assert [q for b in eval_loader(cfg, 0, 1) for q in b["question_id"].tolist()] == [r["question_id"] for r in records]
+    assert check_stream(cfg).records == len(records)
+
+
 def test_batch_keys_dtypes_and_shapes(data):
     tmp_path, records, shards = data
     b = next(iter(train_loader(config(tmp_path, shards, shuffle_buffer=0))))
@@ -241,8 +267,6 @@ def test_config_is_validated_with_flag_names(data):
     tmp_path, records, shards = data
     with pytest.raises(ValueError, match="^--batch-size 0: must be an integer >= 1$"):
         config(tmp_path, shards, batch_size=0)
-    with pytest.raises(ValueError, match="^--cache: give at least one vector modality"):
-        StreamConfig(shards=shards, caches={})
     with pytest.raises(ValueError, match="^--cache audio=PATH: 'audio' has an id field"):
         config(tmp_path, shards, id_fields={"audio": "audio_id"})
     with pytest.raises(ValueError, match="^--shards: no shard files given$"):

@@ -45,24 +45,28 @@ def cli(verbose):
 @click.option("--size", default=96, show_default=True, help="Image side in pixels.")
 @click.option("--questions-per-image", default=5, show_default=True)
 @click.option("--split", default="train", show_default=True, help="Split name in the file names.")
+@click.option("--first-id", type=click.IntRange(min=0), default=1, show_default=True,
+              help="The first image id (another split in the same folder needs ids of its own, and another --seed).")
 @_fail_cleanly
-def shapes(out, images, seed, size, questions_per_image, split):
+def shapes(out, images, seed, size, questions_per_image, split, first_id):
     """Write the synthetic shapes dataset to OUT in the VQA v2 layout.
 
     Coloured shapes on a 3x3 grid; questions about colour, shape, presence, count, position and
     relations, 10 answers each. Prints the question-only baseline (answering from the question
-    text alone, fitted on 80% of the images, scored on the rest).
+    text alone, fitted on 80% of the images, scored on the rest). Write a val split beside the
+    train split with another seed and other image ids.
 
     Example:
 
     \b
         vqa-data shapes data/shapes --images 2000 --seed 0
+        vqa-data shapes data/shapes --images 500 --split val --seed 1 --first-id 100001
     """
     from ..data.shapes import held_out_baseline, write_shapes
 
     with click.progressbar(length=images, label="images", file=sys.stderr) as bar:
         summary = write_shapes(out, images=images, seed=seed, size=size, split=split,
-                               questions_per_image=questions_per_image, progress=bar.update)
+                               questions_per_image=questions_per_image, progress=bar.update, first_id=first_id)
     line = (f"wrote {summary['images']} images, {summary['questions']} questions to {out} "
             f"({', '.join(f'{k}: {v}' for k, v in summary['answer_types'].items())})")
     baseline = held_out_baseline(out, split, seed)
@@ -71,40 +75,64 @@ def shapes(out, images, seed, size, questions_per_image, split):
     click.echo(line)
 
 
+def _split_list(value):
+    return [s.strip() for s in value.split(",") if s.strip()] if value else None
+
+
 @cli.command()
 @click.argument("vqa_dir", type=click.Path(file_okay=False))
 @click.argument("out", type=click.Path(file_okay=False))
+@click.option("--train-splits", default=None, metavar="SPLIT[,SPLIT]",
+              help="Splits that make the train side, with --eval-splits [every other split with annotations].")
+@click.option("--eval-splits", default=None, metavar="SPLIT[,SPLIT]",
+              help="Splits scored whole as the eval side, e.g. val (VQA v2's protocol) [none: pool and split].")
+@click.option("--select-fraction", type=float, default=0.0, show_default=True,
+              help="Hold out this share of the train side's images as the select side, where fuse-train picks "
+                   "its best checkpoint before scoring the eval side once (0: pick on the eval side).")
+@click.option("--splits", default=None, metavar="SPLIT[,SPLIT]",
+              help="Splits of VQA_DIR to pool and split at random by --eval-fraction [all with annotations].")
+@click.option("--eval-fraction", type=float, default=None,
+              help="Share of the pooled splits that goes to eval (not with --eval-splits).  [default: 0.2]")
 @click.option("--split-by", type=click.Choice(["image", "question"]), default="image", show_default=True,
               help="image: no image on both sides; question: a random slice of questions.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--eval-fraction", default=0.2, show_default=True)
 @click.option("--shard-size", default=1000, show_default=True, help="Records per shard at most.")
-@click.option("--splits", default=None, help="Comma-separated splits of VQA_DIR to pool [all found].")
+@click.option("--images-root", type=click.Path(file_okay=False), default=None,
+              help="The folder holding the image folders (train2014/, val2014/) [VQA_DIR].")
 @click.option("--no-check-images", is_flag=True, help="Do not require the image files to exist.")
 @click.option("--max-question-chars", type=click.IntRange(min=1), default=MAX_QUESTION_CHARS, show_default=True,
               help="Refuse a question longer than this (VQA v2 questions are under 300 characters).")
 @_fail_cleanly
-def shards(vqa_dir, out, split_by, seed, eval_fraction, shard_size, splits, no_check_images, max_question_chars):
-    """Split a VQA v2 folder into train and eval and write them as WebDataset shards to OUT.
+def shards(vqa_dir, out, train_splits, eval_splits, select_fraction, splits, eval_fraction, split_by, seed,
+           shard_size, images_root, no_check_images, max_question_chars):
+    """Make the train and eval sides of a VQA v2 folder and write them as WebDataset shards to OUT.
 
-    VQA_DIR is the official layout (or `vqa-data shapes` output); all its splits are pooled and
-    split 80/20. OUT gets train-*.tar, eval-*.tar and manifest.json. A record that cannot be used
-    (an empty question or one over --max-question-chars, ten empty answers) stops it with its
-    question id.
+    VQA_DIR is the official layout (or `vqa-data shapes` output). By default all its splits with
+    annotations are pooled and split 80/20 by image (the thesis). VQA v2's protocol is --train-splits
+    train --eval-splits val --select-fraction 0.05: train on train2014, pick the checkpoint on a
+    held-out slice of it, score all of val2014. OUT gets train-*.tar, eval-*.tar, select-*.tar and
+    manifest.json. A record that cannot be used (an empty question or one over
+    --max-question-chars, ten empty answers) stops it with its question id.
 
     Example:
 
     \b
         vqa-data shards data/shapes data/qa --split-by image --seed 0
+        vqa-data shards VQA_DIR data/qa --train-splits train --eval-splits val --select-fraction 0.05 --images-root coco/
     """
     from ..data.shards import write_qa_shards
 
     manifest = write_qa_shards(vqa_dir, out, split_by=split_by, seed=seed, eval_fraction=eval_fraction,
-                               shard_size=shard_size, splits=splits.split(",") if splits else None,
+                               shard_size=shard_size, splits=_split_list(splits),
+                               train_splits=_split_list(train_splits), eval_splits=_split_list(eval_splits),
+                               select_fraction=select_fraction, images_root=images_root,
                                check_images=not no_check_images, max_question_chars=max_question_chars)
-    t, e = manifest["train"], manifest["eval"]
-    click.echo(f"train: {t['count']} questions, {t['images']} images, {len(t['shards'])} shards; "
-               f"eval: {e['count']} questions, {e['images']} images, {len(e['shards'])} shards -> {out}")
+    parts = []
+    for side in ("train", "select", "eval"):
+        if side in manifest:
+            m = manifest[side]
+            parts.append(f"{side}: {m['count']} questions, {m['images']} images, {len(m['shards'])} shards")
+    click.echo(f"{'; '.join(parts)} -> {out}")
 
 
 @cli.command()
@@ -116,7 +144,7 @@ def shards(vqa_dir, out, split_by, seed, eval_fraction, shard_size, splits, no_c
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @_fail_cleanly
 def check(shard_dir, caches, expect, as_json):
-    """Check that the caches hold an embedding for every record of SHARD_DIR (train and eval).
+    """Check that the caches hold an embedding for every record of SHARD_DIR (every side).
 
     Exits 1 naming the missing ids (up to 5 examples per cache), or a cache whose metadata differs
     from --expect.
@@ -137,8 +165,9 @@ def check(shard_dir, caches, expect, as_json):
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        click.echo(f"ok: every id of {report['train']['records']} train and {report['eval']['records']} "
-                   f"eval records is in {', '.join(f'{k}={v}' for k, v in caches.items())}")
+        counts = [f"{report[side]['records']} {side}" for side in ("train", "select", "eval") if side in report]
+        click.echo(f"ok: every id of {', '.join(counts[:-1])} and {counts[-1]} records is in "
+                   f"{', '.join(f'{k}={v}' for k, v in caches.items())}")
 
 
 def main():

@@ -96,7 +96,9 @@ class Collate:
 
     def __call__(self, samples: list) -> dict:
         questions = self.cut(samples, [s["question"] for s in samples], self.max_question_len, "question")
-        targets = self.cut(samples, [target_answer(s["answers"]) for s in samples], self.max_answer_len, "answer")
+        # a question of a split without annotations (VQA's test splits) is answered, never trained on
+        targets = self.cut(samples, [target_answer(s["answers"]) if s["answers"] else "" for s in samples],
+                           self.max_answer_len, "answer")
         input_ids, attention_mask = self.tokenizer.encode_batch(questions, self.max_question_len)  # (B, Lq)
         answer_ids, answer_mask = self.tokenizer.encode_batch(targets, self.max_answer_len)  # (B, La)
         return {

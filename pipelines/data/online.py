@@ -49,7 +49,8 @@ class ImageEmbedder:
 
     Args:
         vit: ``(embed.LoadedModel, embed.EmbedConfig)`` from :func:`load_vit`.
-        vqa_dir: the VQA folder the shards were made from (images under ``{split}2014/``).
+        vqa_dir: the folder holding the image folders ``{split}2014/`` (the shards' ``--images-root``,
+            else the VQA folder they were made from).
         splits: the splits to look in.
         threads: decoding threads (PIL releases the GIL while decoding).
     """

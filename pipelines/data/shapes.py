@@ -28,8 +28,9 @@ another answer of the same template, so partial credit under the leave-one-out m
 exercised. The truth always holds the majority (at least 7 of 10).
 
 Everything is a function of ``(seed, image index)``: the same seed gives the same bytes, and a
-dataset of N images is a prefix of one of 2N images. Image ids start at 1 (COCO style); question id
-= image id * 1000 + question index, as in VQA v2.
+dataset of N images is a prefix of one of 2N images. Image ids start at 1 (COCO style; ``first_id``
+moves them, for a second split in the same folder); question id = image id * 1000 + question index,
+as in VQA v2.
 """
 
 import io
@@ -187,15 +188,16 @@ def _answers(rng, truth, vocabulary):
     return answers
 
 
-def make_image(seed: int, index: int, questions_per_image: int = 5):
-    """The scene and QA of image ``index`` (0-based) for ``seed``: ``(objects, image_id, qas)``.
+def make_image(seed: int, index: int, questions_per_image: int = 5, first_id: int = 1):
+    """The scene and QA of image ``index`` (0-based) for ``seed``: ``(objects, image_id, qas)``; the
+    image id is ``first_id + index``.
 
     Each qa is ``{"question_id", "question", "answers", "answer_type", "question_type",
     "multiple_choice_answer"}``.
     """
     rng = random.Random(f"shapes:{seed}:{index}")  # str seeds hash deterministically (sha512)
     objects = _scene(rng)
-    image_id = index + 1
+    image_id = first_id + index
     qas, texts = [], set()
     names = list(TEMPLATES)
     for _ in range(20 * questions_per_image):
@@ -213,7 +215,7 @@ def make_image(seed: int, index: int, questions_per_image: int = 5):
 
 
 def write_shapes(out, images: int = 2000, seed: int = 0, size: int = 96, split: str = "train",
-                 questions_per_image: int = 5, progress=None) -> dict:
+                 questions_per_image: int = 5, progress=None, first_id: int = 1) -> dict:
     """Write the dataset to ``out`` in the VQA v2 layout.
 
     Images are written first, then the annotations, then the questions file (each JSON file through
@@ -227,6 +229,9 @@ def write_shapes(out, images: int = 2000, seed: int = 0, size: int = 96, split: 
         split: split name in the file names (``train`` -> ``train2014/``).
         questions_per_image: questions per image (fewer when a scene allows fewer distinct ones).
         progress: optional callable, called with 1 per image written.
+        first_id: the first image's id. Another split of the same folder needs ids of its own (the
+            cache keys images by id) and another seed (the same seed draws the same scenes), e.g.
+            ``split="val", seed=1, first_id=100001``.
 
     Returns:
         ``{"images", "questions", "answer_types": {type: count}, "root"}``.
@@ -237,6 +242,8 @@ def write_shapes(out, images: int = 2000, seed: int = 0, size: int = 96, split: 
         raise ValueError(f"--size {size}: must be in 16..1024 pixels")
     if not 1 <= questions_per_image <= 20:
         raise ValueError(f"--questions-per-image {questions_per_image}: must be in 1..20")
+    if isinstance(first_id, bool) or not isinstance(first_id, int) or first_id < 0:
+        raise ValueError(f"--first-id {first_id}: must be a non-negative integer")
     out = Path(out)
     qpath, apath = questions_path(out, split), annotations_path(out, split)
     if qpath.exists():
@@ -245,7 +252,7 @@ def write_shapes(out, images: int = 2000, seed: int = 0, size: int = 96, split: 
     folder.mkdir(parents=True, exist_ok=True)
     questions, annotations, types = [], [], {}
     for index in range(images):
-        objects, image_id, qas = make_image(seed, index, questions_per_image)
+        objects, image_id, qas = make_image(seed, index, questions_per_image, first_id)
         buf = io.BytesIO()
         render(objects, size).save(buf, format="JPEG", quality=95)
         (folder / image_name(split, image_id)).write_bytes(buf.getvalue())
@@ -265,7 +272,7 @@ def write_shapes(out, images: int = 2000, seed: int = 0, size: int = 96, split: 
     info = {"description": "where-to-fuse synthetic shapes (VQA v2 layout)", "seed": seed,
             "images": images, "size": size, "questions_per_image": questions_per_image}
     common = {"info": info, "license": {"name": "CC0"}, "data_type": "mscoco",
-              "data_subtype": f"{split}2014"}
+              "data_subtype": folder.name}
     write_atomic(apath, json.dumps({**common, "annotations": annotations}))
     write_atomic(qpath, json.dumps({**common, "task_type": "Open-Ended", "questions": questions}))
     return {"images": images, "questions": len(questions), "answer_types": dict(sorted(types.items())),

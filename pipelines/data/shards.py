@@ -5,34 +5,40 @@ that image's records (:meth:`QARecord.to_dict <pipelines.data.vqa.QARecord.to_di
 the stream unlists them and shuffles records, not images. Why not one sample per question: webdataset
 reads a tar member and decodes its JSON at a fixed cost per sample (~30 us on the 2-core dev VM,
 more than the record's tokenizing and batching), and a VQA image has about 5 questions. Packing
-is a storage detail: a run of records with one image id becomes one sample, cut where a shard ends
-(so the record counts of ``shard_size`` hold), and records of an image that are not consecutive
+is a storage detail: a run of records with one image id becomes one sample, cut where a shard is
+full (so the record counts of ``shard_size`` hold), and records of an image that are not consecutive
 simply make more samples. Shards are written through
 :class:`store.AtomicShardWriter` (``NAME.tmp``, renamed when complete), so a shard appears under its
-name only once whole. A shard folder holds ``train-000000.tar ...``, ``eval-000000.tar ...`` and,
-written last, ``manifest.json`` (how the shards were made, and the shard names and counts): a folder
-without a manifest is an unfinished run.
+name only once whole. A shard folder holds ``train-000000.tar ...``, ``eval-000000.tar ...``,
+``select-000000.tar ...`` if asked and, written last, ``manifest.json`` (how the shards were made,
+and the shard names and counts): a folder without a manifest is an unfinished run.
+
+The sides: ``train`` (trained on), ``eval`` (scored) and, optionally, ``select`` (a held-out slice
+of the train side's images, ``select_fraction``, on which ``fuse-train`` picks its best checkpoint
+before scoring ``eval`` once). Either the VQA splits are pooled and split at random (the thesis:
+80/20 by image, the default), or named splits make each side whole (VQA v2's protocol:
+``train_splits=["train"], eval_splits=["val"]``).
 """
 
 import json
-import math
 import os
 from pathlib import Path
 
 from store import AtomicShardWriter
 from store.format import now_iso
 
-from ..errors import DatasetExistsError, PipelineError
+from ..errors import DatasetExistsError, PipelineError, VQAFormatError
 from ..files import write_atomic
 from .splits import split_records
 from .tokens import build_word_tokenizer
-from .vqa import MAX_QUESTION_CHARS, QARecord, read_vqa
+from .vqa import MAX_QUESTION_CHARS, QARecord, discover_splits, read_vqa
 
 MANIFEST = "manifest.json"
 WORD_TOKENIZER = "tokenizer"
 MANIFEST_FORMAT = "where-to-fuse/qa-shards"
 MANIFEST_VERSION = 2  # 1: one sample per question (read no more: rebuild with `vqa-data shards`)
-SIDES = ("train", "eval")
+SIDES = ("train", "select", "eval")  # select: only in folders written with a select fraction
+DEFAULT_EVAL_FRACTION = 0.2
 
 
 def record_dict(record) -> dict:
@@ -43,11 +49,16 @@ def write_shards(records, pattern, shard_size: int = 1000, min_shards: int = 1) 
     """Write records to shards named by ``pattern`` (e.g. ``out/train-%06d.tar``), one sample per run
     of records with the same image id (see the module docstring).
 
+    A shard is filled up to ``shard_size`` records. To give a small side ``min_shards`` shards, shard
+    k also ends where an image's run of records ends once the shards so far hold k/``min_shards`` of
+    the records; only a full shard cuts an image's run, so a side of one image is one shard (it used
+    to be cut into ``min_shards`` shards of a record or two).
+
     Args:
         records: :class:`QARecord` s or record dicts.
         pattern: shard path pattern with one ``%d``-style field.
         shard_size: at most this many records per shard.
-        min_shards: make at least this many shards when there are enough records (so that nodes
+        min_shards: make at least this many shards when there are enough images (so that nodes
             and DataLoader workers, which split by shard, each get some).
 
     Returns:
@@ -58,27 +69,30 @@ def write_shards(records, pattern, shard_size: int = 1000, min_shards: int = 1) 
         raise PipelineError(f"{pattern}: no records to write")
     if shard_size < 1:
         raise ValueError(f"--shard-size {shard_size}: must be at least 1")
-    per_shard = max(1, min(shard_size, math.ceil(len(records) / max(min_shards, 1))))
+    share = len(records) / max(min_shards, 1)
     Path(str(pattern) % 0).parent.mkdir(parents=True, exist_ok=True)
     # mtime 0: no PAX header per member; maxcount: never, shards are cut here by records
     with AtomicShardWriter(str(pattern), maxcount=len(records) + 1) as sink:
-        group, in_shard, samples = [], 0, 0
+        group, in_shard, samples, written, shards = [], 0, 0, 0, 1
 
         def write_group():
-            nonlocal group, in_shard, samples
+            nonlocal group, in_shard, samples, written
             sink.write({"__key__": f"{samples:09d}", "json": json.dumps(group).encode("utf-8")})
-            in_shard, samples, group = in_shard + len(group), samples + 1, []
+            in_shard, samples, written, group = in_shard + len(group), samples + 1, written + len(group), []
 
         for i, r in enumerate(records):
             d = record_dict(r)
             if group and d.get("image_id") != group[0].get("image_id"):
                 write_group()
+                if written >= shards * share:  # this shard's share of min_shards, between two images
+                    sink.next_shard()
+                    in_shard, shards = 0, shards + 1
             group.append(d)
-            if in_shard + len(group) == per_shard:
+            if in_shard + len(group) == shard_size:  # full: cut even inside an image's run
                 write_group()
                 if i + 1 < len(records):  # the full shard is renamed into place now
                     sink.next_shard()
-                    in_shard = 0
+                    in_shard, shards = 0, shards + 1
         if group:
             write_group()
     return list(sink.shards)
@@ -89,41 +103,115 @@ def _refuse_existing(out: Path) -> None:
         raise DatasetExistsError(f"{out} already holds shards: write to another folder or delete it first")
 
 
-def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_fraction: float = 0.2,
+def side_splits(vqa_dir, splits=None, train_splits=None, eval_splits=None, eval_fraction=None) -> dict:
+    """How the VQA splits of ``vqa_dir`` make the sides, checked before anything is read.
+
+    Returns:
+        ``{"train_splits", "eval_splits", "eval_fraction", "splits"}``: named sides (``eval_fraction``
+        None), or pooled ``splits`` (None: every split with annotations) split at ``eval_fraction``.
+
+    Raises:
+        ValueError: flags that do not go together (exit 2), naming them.
+        VQAFormatError: no split is left for the train side.
+    """
+    if eval_splits:
+        if splits:
+            raise ValueError(f"--splits {','.join(splits)}: --splits pools splits to split them at random; with "
+                             "--eval-splits, name the train side's splits with --train-splits")
+        if eval_fraction is not None:
+            raise ValueError(f"--eval-fraction {eval_fraction}: the eval side is --eval-splits "
+                             f"{','.join(eval_splits)} whole; give one or the other")
+        if train_splits is None:
+            train_splits = [s for s in discover_splits(vqa_dir, annotated=True) if s not in eval_splits]
+            if not train_splits:
+                raise VQAFormatError(f"{vqa_dir}: no split with annotations besides --eval-splits "
+                                     f"{','.join(eval_splits)} for the train side")
+        both = [s for s in train_splits if s in eval_splits]
+        if both:
+            raise ValueError(f"--train-splits and --eval-splits both name {', '.join(both)}: a split goes to one side")
+        return {"train_splits": list(train_splits), "eval_splits": list(eval_splits), "eval_fraction": None,
+                "splits": [*train_splits, *eval_splits]}
+    if train_splits:
+        raise ValueError(f"--train-splits {','.join(train_splits)}: give the eval side's splits with --eval-splits "
+                         "too (or pool splits and split them at random with --splits)")
+    eval_fraction = DEFAULT_EVAL_FRACTION if eval_fraction is None else eval_fraction
+    if not 0 < eval_fraction < 1:  # before reading the data (split_records says so too)
+        raise ValueError(f"--eval-fraction {eval_fraction}: must be between 0 and 1")
+    return {"train_splits": None, "eval_splits": None, "splits": list(splits) if splits else None,
+            "eval_fraction": eval_fraction}
+
+
+def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_fraction: float | None = None,
                     shard_size: int = 1000, min_shards: int = 8, splits=None,
-                    check_images: bool = True, max_question_chars: int = MAX_QUESTION_CHARS) -> dict:
-    """Read a VQA v2 folder, split it 80/20 (by default) and write train and eval shards.
+                    check_images: bool = True, max_question_chars: int = MAX_QUESTION_CHARS,
+                    train_splits=None, eval_splits=None, select_fraction: float = 0.0,
+                    images_root=None) -> dict:
+    """Read a VQA v2 folder, make the train and eval sides (and a select side if asked) and write them
+    as shards.
 
     Args:
         vqa_dir: folder in the VQA v2 layout (the official data or :mod:`pipelines.data.shapes`).
         out: output folder; must not hold shards already.
-        split_by, seed, eval_fraction: see :func:`pipelines.data.splits.split_records`.
+        split_by, seed: see :func:`pipelines.data.splits.split_records` (for both random splits).
+        eval_fraction: the share of the pooled splits that goes to eval (default 0.2); not with
+            ``eval_splits``.
         shard_size, min_shards: see :func:`write_shards`.
-        splits: which splits of ``vqa_dir`` to pool (default: all found).
+        splits: which splits of ``vqa_dir`` to pool (default: all found with annotations).
         check_images: require every image file to exist.
         max_question_chars: refuse a question longer than this (see :func:`pipelines.data.vqa.read_split`).
+        train_splits, eval_splits: the splits that make the train side and, whole, the eval side
+            (VQA v2's protocol: ``["train"]``, ``["val"]``); ``train_splits`` defaults to every other
+            split with annotations.
+        select_fraction: the share of the train side's images held out as the select side (0: none).
+        images_root: the folder holding the image folders ``{split}2014/`` (default ``vqa_dir``).
 
     Returns:
         The manifest (also written to ``out/manifest.json``).
+
+    Raises:
+        ValueError: settings that do not go together, or a fraction that leaves a side empty (exit 2).
+        VQAFormatError: the VQA files are missing or malformed.
+        DatasetExistsError: ``out`` holds shards already.
     """
     out = Path(out)
+    plan = side_splits(vqa_dir, splits, train_splits, eval_splits, eval_fraction)
+    if select_fraction and not 0 < select_fraction < 1:
+        raise ValueError(f"--select-fraction {select_fraction}: must be between 0 and 1 (0: no select side)")
     _refuse_existing(out)
-    records = read_vqa(vqa_dir, splits=splits, check_images=check_images, max_question_chars=max_question_chars)
-    train, evals = split_records(records, by=split_by, eval_fraction=eval_fraction, seed=seed)
+    records = read_vqa(vqa_dir, splits=plan["splits"], check_images=check_images,
+                       max_question_chars=max_question_chars, images_root=images_root)
+    if plan["eval_splits"]:
+        sides = {"train": [r for r in records if r.split in plan["train_splits"]],
+                 "eval": [r for r in records if r.split in plan["eval_splits"]]}
+    else:
+        train, evals = split_records(records, by=split_by, eval_fraction=plan["eval_fraction"], seed=seed)
+        sides = {"train": train, "eval": evals}
+    if select_fraction:
+        # held out of the train side by image (--split-by), so the selection scores unseen images
+        sides["train"], sides["select"] = split_records(sides["train"], by=split_by, eval_fraction=select_fraction,
+                                                        seed=seed, flag="--select-fraction")
     out.mkdir(parents=True, exist_ok=True)
     manifest = {
         "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
         "created": now_iso(),
-        "source": str(Path(vqa_dir).resolve()), "splits": sorted({r.split for r in records}),
-        "split_by": split_by, "seed": seed, "eval_fraction": eval_fraction, "shard_size": shard_size,
+        "source": str(Path(vqa_dir).resolve()),
+        "images_root": str(Path(images_root).resolve()) if images_root is not None else None,
+        "splits": sorted({r.split for r in records}),
+        "train_splits": plan["train_splits"], "eval_splits": plan["eval_splits"],
+        "split_by": split_by, "seed": seed, "eval_fraction": plan["eval_fraction"],
+        "select_fraction": select_fraction or None, "shard_size": shard_size,
         "images": len({r.image_id for r in records}),
     }
-    for side, recs in (("train", train), ("eval", evals)):
+    for side in SIDES:
+        if side not in sides:
+            continue
+        recs = sides[side]
         paths = write_shards(recs, out / f"{side}-%06d.tar", shard_size=shard_size, min_shards=min_shards)
         manifest[side] = {"count": len(recs), "images": len({r.image_id for r in recs}),
                           "shards": [Path(p).name for p in paths]}
     # A word-level tokenizer of the training side (questions and answers), for small vocabularies
     # such as the shapes data: `fuse-train --tokenizer words` reads it from here.
+    train = sides["train"]
     manifest["word_vocab_size"] = build_word_tokenizer(
         [r.question for r in train] + [a for r in train for a in r.answers], out / WORD_TOKENIZER)
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
@@ -146,11 +234,20 @@ def read_manifest(out) -> dict:
     return manifest
 
 
+def selection_side(out) -> str:
+    """The side on which ``fuse-train`` picks its best checkpoint: ``select`` where the folder has one,
+    else ``eval`` (the thesis' protocol, and folders written before the select side existed)."""
+    return "select" if "select" in read_manifest(out) else "eval"
+
+
 def shard_paths(out, side: str) -> list:
-    """The shard paths of one side (``train`` or ``eval``) of a shard folder, from its manifest."""
+    """The shard paths of one side (``train``, ``select`` or ``eval``) of a shard folder, from its manifest."""
     if side not in SIDES:
         raise ValueError(f"side {side!r}: choose one of {', '.join(SIDES)}")
     manifest = read_manifest(out)
+    if side not in manifest:
+        raise PipelineError(f"{Path(out) / MANIFEST}: no {side} side (`vqa-data shards` writes one with "
+                            "--select-fraction)")
     paths = [str(Path(out) / name) for name in manifest[side]["shards"]]
     for p in paths:
         if not os.path.isfile(p):

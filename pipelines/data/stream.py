@@ -40,7 +40,8 @@ key                type                         what
 ``image_id``       list of B str
 ``question``       list of B str                cut to :func:`pipelines.data.tokens.char_limit`
                                                 characters (2,048 for 128 tokens)
-``answers``        list of B lists of 10 str    for :class:`pipelines.metrics.vqa.VQAScore`
+``answers``        list of B lists of 10 str    for :class:`pipelines.metrics.vqa.VQAScore` (empty
+                                                for a question without annotations)
 ``answer_type``    list of B str
 ``question_type``  list of B str                the official question type ("" if none)
 ``target``         list of B str                the most frequent answer (the labels' text), cut
@@ -82,7 +83,8 @@ class StreamConfig:
 
     Attributes:
         shards: shard paths, or one brace pattern (``qa/train-{000000..000007}.tar``).
-        caches: modality name -> cache path, e.g. ``{"image": "cache/"}`` (``--cache image=PATH``).
+        caches: modality name -> cache path, e.g. ``{"image": "cache/"}`` (``--cache image=PATH``); none
+            for a question-only model.
         id_fields: modality -> the record field holding its id (default ``image_id``).
         expect: modality -> partial cache metadata the model needs, e.g.
             ``{"image": {"shape": [196, 768], "producer": {"model": "vit_base_patch16_224"}}}``.
@@ -118,8 +120,6 @@ class StreamConfig:
         self.shards = [str(s) for s in self.shards]
         if not self.shards:
             raise ValueError("--shards: no shard files given")
-        if not self.caches:
-            raise ValueError("--cache: give at least one vector modality, e.g. --cache image=cache/")
         self.caches = {str(k): v for k, v in self.caches.items()}
         for name in list(self.id_fields) + list(self.expect):
             if name not in self.caches:
@@ -231,15 +231,17 @@ def check_shards(shard_dir, caches: dict, expect: dict | None = None) -> dict:
     """The pre-flight check of both sides of a shard folder (``vqa-data check``).
 
     Returns:
-        ``{"train": {"records", "missing"}, "eval": {...}}`` (see :class:`PreflightReport`).
+        ``{"train": {"records", "missing"}, "eval": {...}}`` and ``"select"`` where the folder has one
+        (see :class:`PreflightReport`).
 
     Raises:
         MissingEmbeddingsError, store.MetadataMismatch: as :func:`check_stream`.
     """
-    from .shards import shard_paths
+    from .shards import SIDES, read_manifest, shard_paths
 
     report, readers = {}, None
-    for side in ("train", "eval"):
+    manifest = read_manifest(shard_dir)
+    for side in (s for s in SIDES if s in manifest):
         config = StreamConfig(shards=shard_paths(shard_dir, side), caches=caches, expect=expect or {})
         readers = readers or open_caches(config)
         r = check_stream(config, readers)
@@ -315,18 +317,27 @@ class EvalDataset(torch.utils.data.Dataset):
 
 
 def eval_loader(config: StreamConfig, rank: int | None = None, world_size: int | None = None,
-                readers: dict | None = None, **loader_kw) -> VectorLoader:
+                readers: dict | None = None, records: list | None = None, limit: int | None = None,
+                **loader_kw) -> VectorLoader:
     """Fixed-order eval batches of this rank: no shuffling, no resampling, each record once.
 
     The records pass the pre-flight check first: missing ids raise, or (``allow_missing``) their
     records are dropped and counted. ``readers``: see :func:`train_loader`.
+
+    Args:
+        records: the record dicts to score (default: every record of ``config.shards``).
+        limit: score only the first ``limit`` records (after the pre-flight check), shared out over
+            the ranks, so exactly ``limit`` in all (``None`` or 0: all).
     """
     if rank is None or world_size is None:
         rank, world_size = rank_info()
     readers = readers or open_caches(config)
-    report = preflight(read_records(config.shards), readers, config.id_fields, config.allow_missing)
-    loader = torch.utils.data.DataLoader(EvalDataset(report.kept, rank, world_size),
-                                         batch_size=config.batch_size, shuffle=False,
-                                         num_workers=config.num_workers, collate_fn=make_collate(config),
-                                         **loader_kw)
+    records = read_records(config.shards) if records is None else records
+    report = preflight(records, readers, config.id_fields, config.allow_missing)
+    kept = report.kept[:limit] if limit else report.kept
+    kw = {"num_workers": config.num_workers, **loader_kw}
+    if kw["num_workers"] == 0:
+        kw.pop("persistent_workers", None)  # DataLoader refuses it without workers
+    loader = torch.utils.data.DataLoader(EvalDataset(kept, rank, world_size), batch_size=config.batch_size,
+                                         shuffle=False, collate_fn=make_collate(config), **kw)
     return VectorLoader(loader, AttachVectors(readers))

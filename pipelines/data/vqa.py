@@ -8,6 +8,11 @@ The layout, per split (``train``, ``val``; the synthetic shapes dataset writes t
                                                        "question_type", "multiple_choice_answer"}]}
     {split}2014/COCO_{split}2014_{image_id:012d}.jpg
 
+The test splits are of 2015 and have no annotations: ``v2_OpenEnded_mscoco_test2015_questions.json``
+and ``v2_OpenEnded_mscoco_test-dev2015_questions.json``, both over the images of ``test2015/``
+(test-dev is a subset of test). The image folders may live elsewhere than the JSON files
+(``images_root``: COCO is usually stored apart).
+
 Every problem is reported as ``FILE: RECORD: PROBLEM`` in a :class:`VQAFormatError`; a record
 that cannot be used (an empty question, one longer than ``max_question_chars``, ten empty answers)
 is refused, not skipped.
@@ -25,27 +30,38 @@ ANSWERS_PER_QUESTION = 10
 # VQA v2 questions are under 300 characters; a longer one is a broken file, and a huge one would be
 # tokenized again in every batch that holds it (``vqa-data shards --max-question-chars``).
 MAX_QUESTION_CHARS = 1000
-_QUESTIONS_RE = re.compile(r"^v2_OpenEnded_mscoco_(\w+?)2014_questions\.json$")
+_QUESTIONS_RE = re.compile(r"^v2_OpenEnded_mscoco_([\w-]+?)(\d{4})_questions\.json$")
+TEST_SPLITS = ("test", "test-dev")  # of 2015, without annotations
+
+
+def split_year(split: str) -> int:
+    """The year in a split's file names: 2015 for ``test`` and ``test-dev``, else 2014."""
+    return 2015 if split in TEST_SPLITS else 2014
+
+
+def _image_split(split: str) -> str:
+    return "test" if split == "test-dev" else split  # test-dev's images are test2015's
 
 
 def questions_path(root, split: str) -> Path:
-    return Path(root) / f"v2_OpenEnded_mscoco_{split}2014_questions.json"
+    return Path(root) / f"v2_OpenEnded_mscoco_{split}{split_year(split)}_questions.json"
 
 
 def annotations_path(root, split: str) -> Path:
-    return Path(root) / f"v2_mscoco_{split}2014_annotations.json"
+    return Path(root) / f"v2_mscoco_{split}{split_year(split)}_annotations.json"
 
 
 def image_dir(root, split: str) -> Path:
-    return Path(root) / f"{split}2014"
+    return Path(root) / f"{_image_split(split)}{split_year(split)}"
 
 
 def image_name(split: str, image_id) -> str:
-    return f"COCO_{split}2014_{int(image_id):012d}.jpg"
+    return f"COCO_{_image_split(split)}{split_year(split)}_{int(image_id):012d}.jpg"
 
 
 def image_path(root, split: str, image_id) -> Path:
-    """Where the official layout keeps an image, e.g. ``train2014/COCO_train2014_000000000042.jpg``."""
+    """Where the official layout keeps an image, e.g. ``train2014/COCO_train2014_000000000042.jpg``
+    (``root``: the folder holding the image folders)."""
     return image_dir(root, split) / image_name(split, image_id)
 
 
@@ -62,6 +78,9 @@ class QARecord:
         multiple_choice_answer: the official most common answer.
         question_type: the official question type (e.g. ``what color is the``), may be empty.
         split: the split of the source files (``train``, ``val``), which names the image folder.
+
+    A question of a split without annotations (``test``, ``test-dev``) has no answers (``()``), an
+    empty answer type and an empty ``multiple_choice_answer``: it can be answered, not scored.
     """
 
     question_id: int
@@ -84,15 +103,20 @@ class QARecord:
         return cls(**{k: (tuple(v) if k == "answers" else v) for k, v in d.items() if k in known})
 
 
-def discover_splits(root) -> list:
-    """The splits under ``root`` that have a questions file, sorted."""
+def discover_splits(root, annotated: bool = False) -> list:
+    """The splits under ``root`` that have a questions file, sorted; with ``annotated``, only those
+    with an annotations file too (the test splits have none), unless none has one (reading them
+    then names the missing file)."""
     root = Path(root)
     if not root.is_dir():
         raise VQAFormatError(f"{root}: no such folder")
-    splits = sorted(m.group(1) for m in map(_QUESTIONS_RE.match, os.listdir(root)) if m)
+    splits = sorted(m.group(1) for m in map(_QUESTIONS_RE.match, os.listdir(root))
+                    if m and int(m.group(2)) == split_year(m.group(1)))
     if not splits:
         raise VQAFormatError(f"{root}: no VQA v2 questions file "
                              "(v2_OpenEnded_mscoco_<split>2014_questions.json)")
+    if annotated:
+        splits = [s for s in splits if annotations_path(root, s).is_file()] or splits
     return splits
 
 
@@ -170,14 +194,18 @@ def _answers(rec, path, label) -> tuple:
     return tuple(out)
 
 
-def read_split(root, split: str, check_images: bool = True, max_question_chars: int = MAX_QUESTION_CHARS) -> list:
+def read_split(root, split: str, check_images: bool = True, max_question_chars: int = MAX_QUESTION_CHARS,
+               images_root=None, require_annotations: bool = True) -> list:
     """Read one split's questions and annotations into :class:`QARecord` s (questions file order).
 
     Args:
-        root: the folder holding the JSON files (and the image folders).
-        split: ``train``, ``val``, ...
+        root: the folder holding the JSON files (and, by default, the image folders).
+        split: ``train``, ``val``, ``test-dev``, ...
         check_images: require every image file to exist under ``{split}2014/``.
         max_question_chars: refuse a question longer than this (``--max-question-chars``).
+        images_root: the folder holding ``{split}2014/`` (``--images-root``; default ``root``).
+        require_annotations: refuse a split without an annotations file; if false, its questions
+            are read without answers (the test splits).
 
     Raises:
         VQAFormatError: a file is missing or malformed, a question has no annotation (or the other
@@ -190,6 +218,12 @@ def read_split(root, split: str, check_images: bool = True, max_question_chars: 
         raise ValueError(f"--max-question-chars {max_question_chars}: must be a positive integer")
     qpath, apath = questions_path(root, split), annotations_path(root, split)
     questions = _read_questions(qpath, max_question_chars)
+    images_root = root if images_root is None else images_root
+    if not require_annotations and not apath.exists():
+        if check_images:
+            _check_images(images_root, split, qpath, questions)
+        return [QARecord(question_id=qid, image_id=str(image_id), question=text, answers=(), answer_type="",
+                         multiple_choice_answer="", split=split) for qid, (image_id, text) in questions.items()]
     annotations = {}
     for i, rec in enumerate(_load(apath, "annotations")):
         label = _label(rec, i, "annotation of question")
@@ -213,7 +247,7 @@ def read_split(root, split: str, check_images: bool = True, max_question_chars: 
         if qid not in annotations:
             raise VQAFormatError(f"{qpath}: question {qid}: no annotation in {apath.name}")
     if check_images:
-        _check_images(root, split, qpath, questions)
+        _check_images(images_root, split, qpath, questions)
     records = []
     for qid, (image_id, text) in questions.items():
         answers, answer_type, mca, qtype = annotations[qid]
@@ -223,11 +257,12 @@ def read_split(root, split: str, check_images: bool = True, max_question_chars: 
     return records
 
 
-def _check_images(root, split, qpath, questions):
-    folder = image_dir(root, split)
+def _check_images(images_root, split, qpath, questions):
+    folder = image_dir(images_root, split)
     if not folder.is_dir():
-        raise VQAFormatError(f"{folder}: no such image folder (needed by {qpath.name}; "
-                             "skip the image check to read the questions without images)")
+        raise VQAFormatError(f"{folder}: no such image folder (needed by {qpath.name}): give the folder that "
+                             f"holds {folder.name}/ with --images-root, or skip the image check with "
+                             "--no-check-images")
     present = set(os.listdir(folder))  # one listing, not one stat per question
     for qid, (image_id, _) in questions.items():
         name = image_name(split, image_id)
@@ -236,15 +271,24 @@ def _check_images(root, split, qpath, questions):
                                  f"(no {folder.name}/{name})")
 
 
-def read_vqa(root, splits=None, check_images: bool = True, max_question_chars: int = MAX_QUESTION_CHARS) -> list:
-    """Read and concatenate several splits (default: every split found under ``root``); see :func:`read_split`."""
-    splits = discover_splits(root) if splits is None else list(splits)
-    records, seen = [], {}
+def read_vqa(root, splits=None, check_images: bool = True, max_question_chars: int = MAX_QUESTION_CHARS,
+             images_root=None) -> list:
+    """Read and concatenate several splits (default: every split under ``root`` with annotations);
+    see :func:`read_split`."""
+    splits = discover_splits(root, annotated=True) if splits is None else list(splits)
+    records, seen, folders = [], {}, {}
     for split in splits:
-        for rec in read_split(root, split, check_images=check_images, max_question_chars=max_question_chars):
+        for rec in read_split(root, split, check_images=check_images, max_question_chars=max_question_chars,
+                              images_root=images_root):
             if rec.question_id in seen:
                 raise VQAFormatError(f"{questions_path(root, split)}: question {rec.question_id}: "
                                      f"question_id also used in split {seen[rec.question_id]!r}")
             seen[rec.question_id] = split
+            # The cache keys an image by its id alone: one id in two image folders would get one embedding.
+            folder = folders.setdefault(rec.image_id, image_dir("", split).name)
+            if folder != image_dir("", split).name:
+                raise VQAFormatError(f"{questions_path(root, split)}: question {rec.question_id}: image_id "
+                                     f"{rec.image_id} also names an image of {folder}/: the embedding cache keys "
+                                     "images by id, so image ids must differ between image folders")
             records.append(rec)
     return records
