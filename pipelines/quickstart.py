@@ -5,7 +5,6 @@ QA shards -> ``fuse-train --preset demo`` twice (image fused as the preset says;
 Every stage skips what an earlier run of the same command finished, so a killed quickstart resumes.
 """
 
-import json
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ def run_quickstart(out: Path, images: int, steps: int, question_only_steps: int,
 
     from .data.shapes import write_shapes
     from .data.shards import MANIFEST, write_qa_shards
-    from .train.loop import train
+    from .train.loop import finished_results, train
 
     out.mkdir(parents=True, exist_ok=True)
     shapes, cache, qa = out / "shapes", out / "cache", out / "qa"
@@ -63,8 +62,9 @@ def run_quickstart(out: Path, images: int, steps: int, question_only_steps: int,
     for name, fuse, n, lr in runs:
         run = out / "runs" / name
         t = time.perf_counter()
-        if (run / "results.json").is_file():
-            results[name] = json.loads((run / "results.json").read_text())
+        finished = finished_results(run)
+        if finished is not None:
+            results[name] = finished
         else:
             cfg = TrainConfig.resolve("demo", shards=str(qa), caches={"image": str(cache)}, out=str(run), fuse=fuse,
                                       lr=lr, steps=n, eval_every=n, eval_limit=0, seed=seed,  # 0: the whole eval side

@@ -127,7 +127,7 @@ def test_a_killed_run_goes_on_from_its_checkpoint_unless_its_settings_differ(dat
     with caplog.at_level(logging.INFO, logger="pipelines.sweep.run"):
         summary = run_sweep(cfg)
     assert summary["resumed"] == [name] and summary["redone"] == [] and summary["ran"] == [name]
-    assert f"resume {name} from its last checkpoint: no results.json" in caplog.text
+    assert f"resume {name} from its last checkpoint: results.json is marked stopped at step 5 (--stop-at)" in caplog.text
     results = json.loads((out / "runs" / name / "results.json").read_text())
     assert results["steps"] == 10 and [h["step"] for h in results["history"]] == [5, 10]
     assert [h["accuracy"] for h in results["history"]] == [h["accuracy"] for h in whole["history"]]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from pipelines.cli.eval import main as eval_main
 from pipelines.cli.train import main as train_main
-from pipelines.data.shards import shard_paths
+from pipelines.data.shards import shard_paths, write_qa_shards
 from pipelines.data.stream import read_records
 from pipelines.errors import PipelineError
 from pipelines.train.config import TrainConfig
@@ -79,11 +79,15 @@ def test_short_run_learns_and_writes_every_artifact(data, tmp_path):
 
 
 def test_resume_continues_exactly(data, tmp_path):
-    """A run stopped at step 15 and resumed equals the same run done in one go."""
+    """A run stopped at step 15 and resumed equals the same run done in one go. The stopped run writes
+    a results.json marked stopped, which the resume that finishes it replaces."""
     whole = train(tiny(data, tmp_path / "whole"))
+    assert whole["stopped"] is False
     train(tiny(data, tmp_path / "parts", stop_at=15))
     assert json.loads((tmp_path / "parts/checkpoints/last/trainer_state.json").read_text())["step"] == 15
-    assert not (tmp_path / "parts/results.json").exists()
+    stopped = json.loads((tmp_path / "parts/results.json").read_text())
+    assert stopped["stopped"] is True and stopped["steps"] == 15 and [h["step"] for h in stopped["history"]] == [15]
+    assert stopped["last"]["accuracy"] == whole["history"][0]["accuracy"] and stopped["config"]["stop_at"] == 15
     with pytest.raises(PipelineError, match="holds the checkpoint of an unfinished run .*: pass --resume to continue it"):
         train(tiny(data, tmp_path / "parts"))  # a plain rerun would overwrite the checkpoint at its first eval
     assert json.loads((tmp_path / "parts/checkpoints/last/trainer_state.json").read_text())["step"] == 15
@@ -94,6 +98,16 @@ def test_resume_continues_exactly(data, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert [h["accuracy"] for h in resumed["history"]] == [h["accuracy"] for h in whole["history"]]
+    final = json.loads((tmp_path / "parts/results.json").read_text())
+    assert final["stopped"] is False and final["steps"] == 30 and final["history"] == resumed["history"]
+
+    # Killed after its last checkpoint, before results.json: a resume trains no step, only writes it.
+    (tmp_path / "parts/results.json").unlink()
+    again = train(tiny(data, tmp_path / "parts", resume=True))
+    assert again["stopped"] is False and again["history"] == resumed["history"] and again["steps_per_s"] is None
+    assert json.loads((tmp_path / "parts/results.json").read_text())["best"] == resumed["best"]
+    with pytest.raises(PipelineError, match="is at step 30 of 30: the run is finished"):
+        train(tiny(data, tmp_path / "parts", resume=True))
 
 
 def folder_state(path) -> dict:
@@ -173,6 +187,90 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(data, 
     state = json.loads((tmp_path / "nan/checkpoints/last/trainer_state.json").read_text())
     assert 0 < state["step"] < bad_step
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "nan").values())
+
+
+def test_eval_limit_scores_exactly_that_many_questions(data, tmp_path):
+    """--eval-limit 20 with eval batches of 16 used to score 32 (whole batches); fuse-eval --limit too."""
+    r = train(tiny(data, tmp_path / "run", steps=2, eval_every=1, eval_limit=20, eval_batch_size=16))
+    assert [h["count"] for h in r["history"]] == [20, 20]
+    res = CliRunner().invoke(eval_main, [str(tmp_path / "run"), "--limit", "20", "--batch-size", "16", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["count"] == 20
+
+
+def test_the_question_only_baseline_is_one_flag(data, tmp_path):
+    """The quickstart's comparison from the command line: --fuse 0:question, no --cache. The demo
+    preset's image positions and cache expectations apply only when the image is fused."""
+    out = tmp_path / "q"
+    r = cli("--preset", "demo", "--shards", data / "qa", "--fuse", "0:question", "--lr", "2e-3", "--steps", "2",
+            "--eval-every", "2", "--num-workers", "0", "--out", out)
+    assert r.exit_code == 0, r.output
+    config = json.loads((out / "config.json").read_text())
+    assert (config["fuse"], config["positions"], config["caches"], config["expect"]) == ("0:question", "", {}, {})
+    assert json.loads((out / "results.json").read_text())["last"]["count"] == 60  # the whole eval side
+    model_config = json.loads((out / "checkpoints/last/config.json").read_text())
+    assert model_config["modality_dims"] == {} and model_config["modality_positions"] == []
+    # a --positions given as such is still checked against --fuse
+    r = cli("--preset", "demo", "--shards", data / "qa", "--fuse", "0:question", "--positions", "image",
+            "--out", tmp_path / "p")
+    assert usage_error(r) == "Error: --positions image: not a vector modality of --fuse 0:question\n"
+
+
+def test_fuse_eval_scores_a_vqa_split_and_writes_the_results_file(data, tmp_path):
+    """--split reads a split's questions file, scores all of it, and --results-file writes the evaluation
+    server's format; a questions file without annotations (test-dev) is answered, not scored."""
+    train(tiny(data, tmp_path / "run", steps=10, eval_every=10, lr=1e-2))
+    run = str(tmp_path / "run")
+    res = CliRunner().invoke(eval_main, [run, "--split", "train", "--results-file", str(tmp_path / "train.json"),
+                                         "--json"])
+    assert res.exit_code == 0, res.output
+    scored = json.loads(res.output[res.output.index("{"):])
+    questions = json.loads((data / "shapes/v2_OpenEnded_mscoco_train2014_questions.json").read_text())["questions"]
+    assert scored["count"] == scored["answered"] == len(questions) == 300  # both sides of the shards: all of it
+    assert scored["scored"] == "train split" and scored["results_file"] == str(tmp_path / "train.json")
+    results = json.loads((tmp_path / "train.json").read_text())
+    assert isinstance(results, list) and [set(r) for r in results] == [{"question_id", "answer"}] * 300
+    assert [r["question_id"] for r in results] == [q["question_id"] for q in questions]
+    assert all(type(r["question_id"]) is int and type(r["answer"]) is str for r in results)
+    assert (tmp_path / "train.json").read_text().startswith('[{"question_id": 1000, "answer": "')
+    # The same questions as a test-dev file: no annotations file, images not needed (the cache has them).
+    (tmp_path / "vqa").mkdir()
+    test_dev = {"info": {}, "task_type": "Open-Ended", "questions": questions[:37]}
+    (tmp_path / "vqa/v2_OpenEnded_mscoco_test-dev2015_questions.json").write_text(json.dumps(test_dev))
+    res = CliRunner().invoke(eval_main, [run, "--split", "test-dev", "--vqa-dir", str(tmp_path / "vqa"),
+                                         "--results-file", str(tmp_path / "out/test-dev.json")])
+    assert res.exit_code == 0, res.output
+    assert res.output.endswith(f"37 questions answered (test-dev split: no annotations, not scored)\n")
+    assert f"37 answers (test-dev split) -> {tmp_path / 'out/test-dev.json'}" in res.output
+    assert json.loads((tmp_path / "out/test-dev.json").read_text()) == results[:37]
+    # what does not go together: exit 2
+    res = CliRunner().invoke(eval_main, [run, "--split", "val", "--side", "eval"])
+    assert usage_error(res) == "Error: --side eval and --split val: score a side of the shards or a VQA split, not both\n"
+    res = CliRunner().invoke(eval_main, [run, "--vqa-dir", str(tmp_path / "vqa")])
+    assert usage_error(res) == "Error: --vqa-dir: only with --split (the shards' sides are read from --shards)\n"
+    res = CliRunner().invoke(eval_main, [run, "--split", "val"])
+    assert res.exit_code == 1 and "v2_OpenEnded_mscoco_val2014_questions.json: no such file" in res.output
+
+
+def test_vqa_v2_protocol_picks_on_the_select_side_and_scores_all_of_val_once(vqa_v2, tmp_path):
+    """Shards of VQA v2's protocol: the best checkpoint is picked on the select side (a slice of train),
+    then the eval side (all of val) is scored once with it, as fuse-eval --split val scores it."""
+    qa = tmp_path / "qa"
+    write_qa_shards(vqa_v2 / "vqa", qa, train_splits=["train"], eval_splits=["val"], select_fraction=0.2,
+                    images_root=vqa_v2 / "coco", min_shards=2)
+    r = train(tiny(vqa_v2, tmp_path / "run", shards=str(qa), steps=20, eval_every=10, lr=1e-2))
+    assert r["selection_side"] == "select" and [h["count"] for h in r["history"]] == [30, 30]  # 6 images
+    assert r["eval"]["count"] == 50 and r["eval"]["step"] == r["best"]["step"]  # all 10 val images
+    saved = json.loads((tmp_path / "run/results.json").read_text())
+    assert saved["eval"] == r["eval"] and saved["stopped"] is False
+    res = CliRunner().invoke(eval_main, [str(tmp_path / "run"), "--split", "val", "--json"])
+    assert res.exit_code == 0, res.output
+    by_fuse_eval = json.loads(res.output)
+    assert by_fuse_eval["count"] == 50 and by_fuse_eval["accuracy"] == pytest.approx(r["eval"]["accuracy"])
+    # the images under --images-root are where --image-source online finds them
+    online = train(tiny(vqa_v2, tmp_path / "online", shards=str(qa), image_source="online", steps=2,
+                        eval_every=2, eval_limit=8))
+    assert online["eval"]["count"] == 50
 
 
 def test_question_only_model_ignores_the_cache_values(data, tmp_path):

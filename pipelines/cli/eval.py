@@ -1,5 +1,5 @@
-"""``fuse-eval``: score a checkpoint on a side of the shards, or answer one question about one image
-(see :mod:`pipelines.train.evaluate`)."""
+"""``fuse-eval``: score a checkpoint on a side of the shards or on a VQA split (writing the evaluation
+server's results file if asked), or answer one question about one image (see :mod:`pipelines.train.evaluate`)."""
 
 import json
 
@@ -13,44 +13,73 @@ from .common import cli_errors, parse_caches, setup_logging
 @click.option("--shards", type=click.Path(exists=True, file_okay=False), help="Folder written by `vqa-data shards`.")
 @click.option("--cache", "caches", multiple=True, metavar="MODALITY=PATH",
               help="Embedding caches (default: the ones the run trained with).")
-@click.option("--side", type=click.Choice(["eval", "train"]), default="eval", help="Which side of the shards.")
+@click.option("--side", type=click.Choice(["eval", "select", "train"]), default=None,
+              help="Which side of the shards.  [default: eval]")
+@click.option("--split", default=None, metavar="SPLIT",
+              help="Score a VQA split instead, read from its questions file (val, test-dev, test); one without "
+                   "annotations is answered, not scored.")
+@click.option("--vqa-dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="The folder of --split's files [the one the shards were made from].")
+@click.option("--results-file", type=click.Path(dir_okay=False), default=None,
+              help='Write every answer as the VQA evaluation server wants it: [{"question_id": ..., "answer": ...}].')
 @click.option("--batch-size", type=int, default=128)
-@click.option("--limit", type=click.IntRange(min=0), help="Score at most N questions (0: all).")
+@click.option("--limit", type=click.IntRange(min=0), help="Score the first N questions (0: all).")
 @click.option("--allow-missing", is_flag=True,
               help="Drop questions whose id a cache lacks, and count them (on if the run trained so).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads [every core].")
+@click.option("--progress/--no-progress", default=None, help="A progress bar on stderr [on a terminal].")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Answer one question about this image.")
 @click.option("--question", help="The question to answer about --image.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def main(checkpoint, shards, caches, side, batch_size, limit, allow_missing, image, question, as_json):
+def main(checkpoint, shards, caches, side, split, vqa_dir, results_file, batch_size, limit, allow_missing, threads,
+         progress, image, question, as_json):
     """Score a fuse-train checkpoint with the official VQA accuracy, or answer one question.
 
-    CHECKPOINT is a run directory (its best checkpoint is used) or a checkpoint folder.
+    CHECKPOINT is a run directory (its best checkpoint is used) or a checkpoint folder. Scores the
+    eval side of the run's shards, another side (--side), or a VQA split (--split val: all of
+    val2014, as VQA v2 papers report); --results-file writes the answers for the evaluation
+    server, also of test-dev and test, which have no annotations.
 
     Example:
 
     \b
         fuse-eval runs/demo --shards runs/qa
+        fuse-eval runs/demo --split val --results-file runs/demo/val_results.json
+        fuse-eval runs/demo --split test-dev --results-file runs/demo/test-dev_results.json
         fuse-eval runs/demo --image shapes/train2014/COCO_train2014_000000000001.jpg --question "What color is the circle?"
     """
     setup_logging()
     if (image is None) != (question is None):
         raise click.UsageError("--image and --question go together")
+    from transformers.utils import logging as hf_logging
+
     from ..train.checkpoint import load_checkpoint
-    from ..train.evaluate import answer_one, score
+    from ..train.evaluate import ScoreConfig, answer_one, score
+
+    hf_logging.disable_progress_bar()  # from_pretrained's "Loading weights" bar: noise before the eval's own
 
     caches = parse_caches(caches) if caches else None
     with cli_errors():
+        config = ScoreConfig(shards=shards, caches=caches, side=side, split=split, vqa_dir=vqa_dir,
+                             batch_size=batch_size, limit=limit, allow_missing=allow_missing,
+                             results_file=results_file, threads=threads, progress=progress)
         model, run, tokenizer, ckpt = load_checkpoint(checkpoint)
         if image:
             answer = answer_one(model, run, tokenizer, image, question)
             click.echo(json.dumps({"question": question, "image": image, "answer": answer}) if as_json else answer)
             return
-        summary = score(model, run, tokenizer, shards, caches, side, batch_size, limit, allow_missing)
+        summary = score(model, run, tokenizer, config)
     summary["checkpoint"] = str(ckpt)
+    if results_file:
+        click.echo(f"{summary['answered']} answers ({summary['scored']}) -> {results_file}", err=True)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(format_summary(summary, f"{ckpt}: {summary['count']} questions ({side} side)"))
+    if not summary["count"]:
+        click.echo(f"{ckpt}: {summary['answered']} questions answered ({summary['scored']}: no annotations, "
+                   "not scored)")
+        return
+    click.echo(format_summary(summary, f"{ckpt}: {summary['count']} questions ({summary['scored']})"))
 
 
 def format_summary(summary: dict, title: str) -> str:

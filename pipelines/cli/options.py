@@ -41,7 +41,8 @@ TRAIN_OPTIONS = [
     ("warmup", ("--warmup",), dict(type=float, help="Warm-up: a fraction of the steps (< 1) or a number of steps.")),
     ("clip", ("--clip",), dict(type=float, help="Gradient norm clip (0: off).")),
     ("eval_every", ("--eval-every",), dict(type=int, help="Evaluate every N steps (and at the end).")),
-    ("eval_limit", ("--eval-limit",), dict(type=int, help="Score at most N eval questions each time (0: all).")),
+    ("eval_limit", ("--eval-limit",), dict(type=int, help="Score the first N questions of the selection side at "
+                                                            "each evaluation (0: all).")),
     ("seed", ("--seed",), dict(type=int)),
     ("mixed_precision", ("--mixed-precision",), dict(type=click.Choice(PRECISIONS))),
     ("num_workers", ("--num-workers",), dict(type=int, help="DataLoader workers of the stream.")),

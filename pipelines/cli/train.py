@@ -11,15 +11,24 @@ from .options import train_options
 
 
 def format_results(results: dict) -> str:
+    side = results.get("selection_side", "eval")
     lines = []
     for which in ("best", "last"):
         r = results.get(which)
         if r:
             kinds = ", ".join(f"{k} {100 * m['accuracy']:.1f}%" for k, m in r["by_answer_type"].items())
             lines.append(f"{which:>4}: step {r['step']}: VQA accuracy {100 * r['accuracy']:.2f}%, "
-                         f"exact match {100 * r['exact_match']:.2f}%  ({kinds})")
-    lines.append(f"speed: {results['steps_per_s']:.2f} steps/s, {results['samples_per_s']:.0f} samples/s, "
-                 f"stream wait {100 * results['stream_wait_fraction']:.1f}% of the loop")
+                         f"exact match {100 * r['exact_match']:.2f}%  ({kinds})"
+                         + (f" on the {side} side" if side != "eval" else ""))
+    final = results.get("eval")
+    if final:
+        kinds = ", ".join(f"{k} {100 * m['accuracy']:.1f}%" for k, m in final["by_answer_type"].items())
+        lines.append(f"eval: the best checkpoint (step {final['step']}) on all {final['count']} eval questions: "
+                     f"VQA accuracy {100 * final['accuracy']:.2f}%, exact match {100 * final['exact_match']:.2f}%  "
+                     f"({kinds})")
+    if results.get("steps_per_s") is not None:
+        lines.append(f"speed: {results['steps_per_s']:.2f} steps/s, {results['samples_per_s']:.0f} samples/s, "
+                     f"stream wait {100 * results['stream_wait_fraction']:.1f}% of the loop")
     lines.append(f"checkpoints: {results['checkpoints']['last']} (last), {results['checkpoints']['best']} (best)")
     lines.append(f"logs: tensorboard --logdir {results['tensorboard']}")
     return "\n".join(lines)
@@ -32,12 +41,15 @@ def main(caches, config_file, preset, as_json, **flags):
     """Finetune the fused T5 on VQA, reading image embeddings from the cache.
 
     Evaluates every --eval-every steps with the official VQA accuracy and keeps the best and the last
-    checkpoint; writes OUT/results.json, OUT/config.json and TensorBoard logs in OUT/tb.
+    checkpoint; writes OUT/results.json, OUT/config.json and TensorBoard logs in OUT/tb. Shards with
+    a select side (vqa-data shards --select-fraction) pick the best checkpoint there and score the
+    eval side once with it at the end. --fuse 0:question without --cache trains on the question alone.
 
     Example:
 
     \b
         fuse-train --preset demo --shards runs/qa --cache image=runs/cache --out runs/demo
+        fuse-train --preset demo --shards runs/qa --fuse 0:question --lr 2e-3 --out runs/question-only
         accelerate launch --multi_gpu --num_processes 2 -m pipelines.cli.train --preset demo --shards runs/qa --cache image=runs/cache
     """
     setup_logging(logging.INFO)

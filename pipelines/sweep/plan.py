@@ -199,8 +199,11 @@ def check_settings(runs_root: Path, base: TrainConfig) -> None:
     want = _settings(base.to_dict())
     for run_dir in sorted(runs_root.glob("*/")):
         try:
-            have = _settings(json.loads((run_dir / RESULTS).read_text())["config"])
-        except (OSError, ValueError, KeyError, TypeError):
+            results = json.loads((run_dir / RESULTS).read_text())
+            if results.get("stopped"):
+                continue  # --stop-at: not finished
+            have = _settings(results["config"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue  # not finished or broken: it will be redone
         diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
         if diff:

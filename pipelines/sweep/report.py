@@ -4,7 +4,8 @@ Every run directory under ``RUNS_DIR/runs/`` is read and classified:
 
 - *finished*: ``results.json`` is whole and has what the summary needs;
 - *failed*: ``failed.json`` (the training diverged or raised; kept, not retried by default);
-- *broken*: no ``results.json`` (killed, or still running) or one that cannot be read.
+- *broken*: no ``results.json`` (killed, or still running), one that cannot be read, or one marked
+  ``stopped`` (``--stop-at``).
 
 Finished runs are grouped by grid point (fusion layer, decoder layers, pooling) — read from each
 run's saved config, not from its folder name — and averaged over repeats (mean and sample standard
@@ -107,6 +108,8 @@ def read_run(run_dir: Path) -> RunRecord:
         raise BrokenRun(f"{RESULTS} is unreadable ({e})") from None
     if not isinstance(results, dict):
         raise BrokenRun(f"{RESULTS} holds a {type(results).__name__}, not a mapping")
+    if results.get("stopped"):
+        raise BrokenRun(f"{RESULTS} is marked stopped at step {results.get('steps')} (--stop-at): not finished")
     config = results.get("config")
     if not isinstance(config, dict) or "fuse" not in config:
         raise BrokenRun(f"{RESULTS} has no saved config")
@@ -155,12 +158,21 @@ def read_failure(run_dir: Path) -> str | None:
         return f"failed ({FAILED} unreadable: {e})"
 
 
+def _finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a readable ``results.json`` not marked ``stopped``."""
+    try:
+        results = json.loads((Path(run_dir) / RESULTS).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(results, dict) and not results.get("stopped")
+
+
 def classify(run_dir: Path) -> tuple:
     """``(status, reason, record)`` of a run folder: ``finished`` with its :class:`RunRecord`,
-    ``failed`` (a ``failed.json`` and no ``results.json``: the loss diverged or the run raised) or
-    ``broken``."""
+    ``failed`` (a ``failed.json`` and no finished ``results.json``: the loss diverged or the run
+    raised, maybe on resuming one that ``--stop-at`` had stopped) or ``broken``."""
     reason = read_failure(run_dir)
-    if reason is not None and not (Path(run_dir) / RESULTS).exists():
+    if reason is not None and not _finished(run_dir):
         return "failed", reason, None
     try:
         return "finished", "", read_run(run_dir)

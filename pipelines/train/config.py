@@ -5,6 +5,7 @@ command line. The resolved config is saved as ``OUT/config.json`` and in ``resul
 """
 
 import json
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -30,7 +31,11 @@ TRAIN_PRESETS = {
     # the quickstart's data at 3,000 steps: 92.6 / 92.7 / 92.0% (README, "fuse-train").
     "demo": dict(t5="demo", tokenizer="words", fuse="0:question 2:image", positions="image", batch_size=64,
                  lr=2.5e-4, steps=3000, eval_every=1000, warmup=0.06, eval_limit=2000,
-                 expect={"image": {"producer": {"model": "vit_shapes_patch16_48"}}}),
+                 expect={"image": {"producer": {
+                     "model": "vit_shapes_patch16_48",
+                     # its shipped weights as embed hashes them (scripts/demo_vit.py prints it): a cache
+                     # embedded with other (random) weights is refused, naming producer.weights_hash
+                     "weights_hash": "sha256:590d6fb46d234e8fcd0c3cfd963d60c6fbf9d82f2cf93cbce852520acffe8ab2"}}}),
 }
 
 # Settings a --resume may change: where the run is, how it is shown and how many threads or which
@@ -58,7 +63,8 @@ class TrainConfig:
             N random blocks of a preset, more than its own if asked (default: the model's own).
         expect: modality -> partial cache metadata the model needs (refuses other caches).
         warmup: fraction of the steps (< 1) or a number of steps.
-        eval_limit: score at most this many eval questions per evaluation (default or 0: all).
+        eval_limit: score the first N questions of the selection side at each evaluation (default or
+            0: all); the eval side's final score, when a select side picks the checkpoint, takes all.
         image_source: ``cache`` reads the cache; ``online`` runs the ViT on the images each step.
         threads: torch threads for CPU work; default: the CPUs left after the stream's workers
             (on a small CPU, two threads sharing a core with a worker thrash: measured 10x slower).
@@ -163,6 +169,13 @@ class TrainConfig:
         """Every modality of the fusion spec, in join order (parsed once per config)."""
         return list(self._fused)
 
+    def cpu_threads(self, num_processes: int = 1) -> int:
+        """torch's CPU threads per process: ``threads``, else one per core left to the process after
+        the stream's workers. More oversubscribes a small CPU: threads sharing a core with a worker
+        thrash (a training step measured 10x slower), and an evaluation at 2 threads on a 2-core
+        machine busy with other work scored 53 questions/s, at 1 thread 650-780."""
+        return self.threads or max(1, (os.cpu_count() or 1) // num_processes - self.num_workers)
+
     def tokenizer_path(self) -> str:
         """``words`` is the word-level tokenizer ``vqa-data shards`` writes beside the shards."""
         return str(Path(self.shards) / "tokenizer") if self.tokenizer == "words" else self.tokenizer
@@ -198,20 +211,45 @@ class TrainConfig:
 
     @classmethod
     def resolve(cls, preset: str = "", file: str = None, **flags) -> "TrainConfig":
-        """Preset, then config file, then flags (``None`` flags are not given)."""
-        values = {}
+        """Preset, then config file, then flags (``None`` flags are not given).
+
+        A preset's positions and cache expectations apply only to the modalities the final ``fuse``
+        has, so ``--preset demo --fuse 0:question`` is the preset's question-only model, no cache needed.
+        """
+        values, own = {}, {}
         if preset:
             if preset not in TRAIN_PRESETS:
                 raise ValueError(f"--preset {preset}: unknown (known: {', '.join(TRAIN_PRESETS)})")
             values.update(TRAIN_PRESETS[preset], preset=preset)
+            own = {k: v for k, v in TRAIN_PRESETS[preset].items() if k in ("positions", "expect")}
         if file:
-            values.update(read_config_file(file))
-        values.update({k: v for k, v in flags.items() if v is not None})
+            given = read_config_file(file)
+            values.update(given)
+            own = {k: v for k, v in own.items() if k not in given}
+        given = {k: v for k, v in flags.items() if v is not None}
+        values.update(given)
+        own = {k: v for k, v in own.items() if k not in given}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{file or 'config'}: unknown setting(s) {', '.join(unknown)}")
+        values.update(_for_fused(own, values.get("fuse", cls.fuse)))
         return cls(**values)
+
+
+def _for_fused(own: dict, fuse) -> dict:
+    """A preset's own ``positions`` and ``expect`` (not given again by a file or a flag), less the
+    modalities that ``fuse`` lacks."""
+    try:
+        fused = set(FusionSpec.coerce(fuse).modalities())
+    except ValueError:
+        return {}  # TrainConfig names the bad --fuse
+    out = {}
+    if "positions" in own:
+        out["positions"] = " ".join(n for n in own["positions"].replace(",", " ").split() if n in fused)
+    if "expect" in own:
+        out["expect"] = {k: v for k, v in own["expect"].items() if k in fused}
+    return out
 
 
 def read_config_file(path) -> dict:

@@ -6,21 +6,27 @@ writes to ``OUT/results.json``. Devices, processes and mixed precision come from
 holds::
 
     OUT/config.json            the resolved config (what the run did, flags and file merged)
-    OUT/results.json           best and last VQA accuracy (by answer type), steps/s, samples/s
+    OUT/results.json           best and last VQA accuracy (by answer type), steps/s, samples/s; the
+                               best checkpoint's score on the eval side; "stopped" if --stop-at ended it
     OUT/tb/                    TensorBoard: loss, lr, accuracy, steps/s, samples/s, stream wait
     OUT/checkpoints/last/      model (safetensors + config.json), optimizer, schedule, RNG, step
     OUT/checkpoints/best/      the model of the best eval so far
 
+The best checkpoint is picked on the shards' select side where they have one (VQA v2's protocol:
+a held-out slice of train2014), and the eval side (all of val2014) is then scored once with it;
+without a select side it is picked on the eval side (the thesis' 80/20 split).
+
 Checkpoints are written to a temporary folder and renamed into place, so a killed run always has a
 whole one; ``--resume`` continues from ``last`` with the same data order (the stream's epoch and
 position are saved) and the same random state, given the run's own settings (:func:`check_resume`
-refuses others before anything in the run folder changes).
+refuses others before anything in the run folder changes). A run is finished when its
+``results.json`` is whole and not marked ``stopped``: a run ended by ``--stop-at`` writes one so
+marked, and the ``--resume`` that finishes it replaces it.
 """
 
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +36,7 @@ import torch
 
 from fuse import FusionT5ForConditionalGeneration, train_step_flops
 
+from ..data.shards import selection_side
 from ..data.stream import check_stream, eval_loader, open_caches
 from ..data.tokens import load_tokenizer
 from ..errors import PipelineError, ResumeError, TrainingDiverged
@@ -48,16 +55,21 @@ from .evaluate import evaluate
 from .model import build_model, make_optimizer, make_schedule, model_inputs
 from .streams import batches, stream_configs
 
+RESULTS = "results.json"
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunData:
-    """What a run reads: both sides' streams, the caches (opened once) and the tokenizer."""
+    """What a run reads: the train stream, the selection side's and (if another) the eval side's
+    batches, the caches (opened once) and the tokenizer."""
 
     train_sc: object
     readers: dict
-    evals: object
+    evals: object  # the selection side's batches (every --eval-every steps)
+    final: object  # the eval side's batches, scored once with the best checkpoint; None: evals is it
+    selection: str  # the side the best checkpoint is picked on: "select" or "eval"
     tokenizer: object
     shapes: dict  # modality -> value shape of its cache
     run: dict  # the record saved in every checkpoint (fuse_run.json)
@@ -89,9 +101,18 @@ def make_accelerator(cfg: TrainConfig):
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     if accelerator.device.type == "cpu":
-        per_process = max(1, (os.cpu_count() or 1) // accelerator.num_processes - cfg.num_workers)
-        torch.set_num_threads(cfg.threads or per_process)
+        torch.set_num_threads(cfg.cpu_threads(accelerator.num_processes))
     return accelerator
+
+
+def finished_results(out) -> dict | None:
+    """The ``results.json`` of a finished run in ``out``; ``None`` if there is none, or it is unreadable
+    or marked ``stopped`` (``--stop-at``: the run goes on with ``--resume``)."""
+    try:
+        results = json.loads((Path(out) / RESULTS).read_text())
+    except (OSError, ValueError):
+        return None
+    return results if isinstance(results, dict) and not results.get("stopped") else None
 
 
 def check_out_dir(cfg: TrainConfig) -> None:
@@ -103,7 +124,7 @@ def check_out_dir(cfg: TrainConfig) -> None:
         raise PipelineError(f"--resume: {last} holds no checkpoint to resume from")
     if cfg.resume:
         check_resume(cfg, last)
-    if not cfg.resume and (out / "results.json").exists() and not cfg.overwrite:
+    if not cfg.resume and finished_results(out) is not None and not cfg.overwrite:
         raise PipelineError(f"{out} already holds a finished run: pass --resume, --overwrite or another --out")
     if not cfg.resume and existing_dir(last).exists() and not cfg.overwrite:
         raise PipelineError(f"{out} holds the checkpoint of an unfinished run ({last}): pass --resume to "
@@ -112,8 +133,9 @@ def check_out_dir(cfg: TrainConfig) -> None:
 
 def check_resume(cfg: TrainConfig, last: Path) -> None:
     """A ``--resume`` continues the checkpoint's own run: with its settings (all but
-    :data:`~pipelines.train.config.RESUME_MAY_CHANGE`) and short of its last step. Checked before
-    anything is written, so a refused resume leaves the run folder as it was.
+    :data:`~pipelines.train.config.RESUME_MAY_CHANGE`) and not finished (short of its last step, or at
+    it without a final ``results.json``: killed while scoring, it then only scores and writes it).
+    Checked before anything is written, so a refused resume leaves the run folder as it was.
 
     Raises:
         ResumeError: settings that differ from the checkpoint's (exit 2), naming their flags.
@@ -130,26 +152,33 @@ def check_resume(cfg: TrainConfig, last: Path) -> None:
                           f"({detail}{more}): resume with its own settings, or start a new run (--overwrite "
                           "or another --out)")
     step = read_checkpoint_json(last, TRAINER_STATE).get("step")
-    if isinstance(step, int) and step >= cfg.steps:
+    if isinstance(step, int) and step >= cfg.steps and finished_results(cfg.out) is not None:
         raise PipelineError(f"--resume: {existing_dir(last)} is at step {step} of {cfg.steps}: the run is "
                             "finished, there is nothing to continue")
 
 
 def open_data(cfg: TrainConfig, accelerator, train_checked: bool = False) -> RunData:
-    """Open the caches once and check both sides against them before any compute.
+    """Open the caches once and check every side against them before any compute.
 
     Args:
         train_checked: the caller (a sweep) has run the train side's pre-flight check already.
     """
-    train_sc, eval_sc = stream_configs(cfg, accelerator.num_processes)
-    readers = open_caches(train_sc)  # both sides use the same caches and expectations
+    selection = selection_side(cfg.shards)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    train_sc, select_sc = stream_configs(cfg, world, eval_side=selection)
+    readers = open_caches(train_sc)  # every side uses the same caches and expectations
     if not train_checked:
         check_stream(train_sc, readers)  # every id present: fails (or counts, --allow-missing) now
-    evals = eval_loader(eval_sc, accelerator.process_index, accelerator.num_processes, readers)
+    # read every --eval-every steps: its workers stay (starting them cost 1-2 s per evaluation on a 2-core CPU)
+    evals = eval_loader(select_sc, rank, world, readers, limit=cfg.eval_limit, persistent_workers=True)
+    final = None
+    if selection != "eval":  # its ids are checked now, not after the training
+        _, eval_sc = stream_configs(cfg, world, eval_side="eval")
+        final = eval_loader(eval_sc, rank, world, readers)
     shapes = {name: tuple(reader.meta.shape) for name, reader in readers.items()}
     run = {"config": cfg.to_dict(), "producers": {name: r.meta.producer for name, r in readers.items()},
            "tokenizer": train_sc.tokenizer, "text_modality": TEXT}
-    return RunData(train_sc, readers, evals, load_tokenizer(train_sc.tokenizer), shapes, run)
+    return RunData(train_sc, readers, evals, final, selection, load_tokenizer(train_sc.tokenizer), shapes, run)
 
 
 def init_model(cfg: TrainConfig, data: RunData, last: Path):
@@ -175,7 +204,8 @@ def make_online_embedder(cfg: TrainConfig, producers: dict, device):
     from ..data.shards import read_manifest
 
     manifest = read_manifest(cfg.shards)
-    return ImageEmbedder(load_vit(producers["image"], device), manifest["source"], manifest.get("splits", ["train"]),
+    images = manifest.get("images_root") or manifest["source"]  # --images-root, else the VQA folder
+    return ImageEmbedder(load_vit(producers["image"], device), images, manifest.get("splits", ["train"]),
                          threads=max(1, cfg.num_workers))
 
 
@@ -223,11 +253,18 @@ def log_step(writer, bar, schedule, meter: Meter, step: int) -> None:
     bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
 
+def eval_kw(cfg, accelerator, desc: str) -> dict:
+    """The keywords of :func:`evaluate` in a run: a progress bar where the training has one and stderr
+    is a terminal (a bar under a bar moves the cursor: garbage in a log); torch's threads stay the
+    training step's."""
+    return dict(progress=None if accelerator.is_main_process and cfg.progress else False, desc=desc)
+
+
 def eval_and_checkpoint(cfg, accelerator, model, optimizer, schedule, data: RunData, state: dict, writer, bar) -> None:
-    """Score the eval side; keep the best checkpoint and write the last one (main process)."""
+    """Score the selection side; keep the best checkpoint and write the last one (main process)."""
     step = state["step"]
     metrics = evaluate(model, data.evals, data.tokenizer, cfg.fused_modalities(), accelerator,
-                       cfg.max_new_tokens, cfg.eval_limit)
+                       cfg.max_new_tokens, **eval_kw(cfg, accelerator, f"eval ({data.selection} side)"))
     entry = {"step": step, **metrics}
     state["history"].append(entry)
     improved = state["best"] is None or metrics["accuracy"] > state["best"]["accuracy"]
@@ -238,8 +275,9 @@ def eval_and_checkpoint(cfg, accelerator, model, optimizer, schedule, data: RunD
         writer.add_scalar("eval/exact_match", metrics["exact_match"], step)
         for kind, m in metrics["by_answer_type"].items():
             writer.add_scalar(f"eval/accuracy_{kind}", m["accuracy"], step)
+        side = "" if data.selection == "eval" else f" on the {data.selection} side"
         bar.write(f"step {step}: VQA accuracy {100 * metrics['accuracy']:.2f}% "
-                  f"(exact match {100 * metrics['exact_match']:.2f}%)", file=sys.stderr)  # stdout: --json
+                  f"(exact match {100 * metrics['exact_match']:.2f}%){side}", file=sys.stderr)  # stdout: --json
         last, best = checkpoint_dirs(cfg.out)
         unwrapped = accelerator.unwrap_model(model)
         if improved:
@@ -248,12 +286,32 @@ def eval_and_checkpoint(cfg, accelerator, model, optimizer, schedule, data: RunD
     accelerator.wait_for_everyone()
 
 
-def results_of(cfg, accelerator, model, state: dict, meter: Meter, flops) -> dict:
-    """The ``results.json`` of a finished run."""
+def score_best(cfg, accelerator, model, data: RunData, state: dict, writer, bar) -> dict:
+    """Score the eval side once with the best checkpoint (picked on the select side), whole."""
+    _, best = checkpoint_dirs(cfg.out)
+    accelerator.wait_for_everyone()  # the main process wrote it
+    if state["best"]["step"] != state["step"]:  # the model in memory is the last one
+        weights = FusionT5ForConditionalGeneration.from_pretrained(existing_dir(best)).state_dict()
+        accelerator.unwrap_model(model).load_state_dict(weights)
+    metrics = evaluate(model, data.final, data.tokenizer, cfg.fused_modalities(), accelerator, cfg.max_new_tokens,
+                       **eval_kw(cfg, accelerator, "eval (eval side, best checkpoint)"))
+    entry = {"step": state["best"]["step"], "side": "eval", "checkpoint": str(best), **metrics}
+    if accelerator.is_main_process:
+        writer.add_scalar("final/eval_accuracy", metrics["accuracy"], entry["step"])
+        bar.write(f"best checkpoint (step {entry['step']}) on the eval side: VQA accuracy "
+                  f"{100 * metrics['accuracy']:.2f}% (exact match {100 * metrics['exact_match']:.2f}%, "
+                  f"{metrics['count']} questions)", file=sys.stderr)
+    return entry
+
+
+def results_of(cfg, accelerator, model, state: dict, meter: Meter, flops, data: RunData, final=None) -> dict:
+    """The ``results.json`` of a run (finished, or stopped by ``--stop-at``: then marked ``stopped``)."""
     elapsed = meter.elapsed
     last, best = checkpoint_dirs(cfg.out)
     return {
+        "stopped": state["step"] < cfg.steps,
         "best": state["best"], "last": state["history"][-1] if state["history"] else None,
+        "selection_side": data.selection, "eval": final,
         "steps_per_s": meter.steps / elapsed if elapsed else None,
         "samples_per_s": meter.samples / elapsed if elapsed else None,
         "stream_wait_fraction": meter.wait / elapsed if elapsed else None,
@@ -290,6 +348,8 @@ def train(cfg: TrainConfig, *, train_checked: bool = False) -> dict:
     set_seed(cfg.seed)
     out = Path(cfg.out)
     last, _ = checkpoint_dirs(out)
+    if main and not cfg.resume:  # --overwrite: the folder's results.json is always its current run's
+        (out / RESULTS).unlink(missing_ok=True)
     data = open_data(cfg, accelerator, train_checked)
     model, optimizer, schedule, state = init_model(cfg, data, last)
     model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
@@ -340,13 +400,14 @@ def train(cfg: TrainConfig, *, train_checked: bool = False) -> dict:
             accelerator.wait_for_everyone()
             log.info("stopped at step %d (--stop-at); continue with --resume", step)
             break
+    final = None
+    if state["step"] >= cfg.steps and data.final is not None:
+        final = score_best(cfg, accelerator, model, data, state, writer, bar)
     bar.close()
     if main:
         writer.close()
-    if state["step"] < cfg.steps:  # --stop-at: the run is not finished, no results.json
-        return {"steps": state["step"], "stopped": True, "history": state["history"]}
-    results = results_of(cfg, accelerator, model, state, meter, flops)
-    if main:
-        write_atomic(out / "results.json", json.dumps(results, indent=2))
+    results = results_of(cfg, accelerator, model, state, meter, flops, data, final)
+    if main:  # stopped (--stop-at): marked so, and replaced by the --resume that finishes the run
+        write_atomic(out / RESULTS, json.dumps(results, indent=2))
     accelerator.wait_for_everyone()
     return results

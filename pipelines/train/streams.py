@@ -5,14 +5,22 @@ from ..data.stream import StreamConfig, train_loader
 from .config import TrainConfig
 
 
+def stream_settings(cfg: TrainConfig) -> dict:
+    """What every stream of a run shares: caches, tokenizer, workers, seed, limits."""
+    return dict(caches=cfg.caches, expect=cfg.expect, tokenizer=cfg.tokenizer_path(), num_workers=cfg.num_workers,
+                seed=cfg.seed, allow_missing=cfg.allow_missing, max_answer_len=cfg.max_answer_len)
+
+
+def eval_stream_config(cfg: TrainConfig, shards: list) -> StreamConfig:
+    """The config of an eval stream over ``shards`` (or, given its records, named by them)."""
+    return StreamConfig(shards=shards, batch_size=cfg.eval_batch_size, **stream_settings(cfg))
+
+
 def stream_configs(cfg: TrainConfig, num_processes: int = 1, eval_side: str = "eval") -> tuple:
     """``(train, eval)`` stream configs of a run; ``eval_side`` names the shard side to score."""
-    common = dict(caches=cfg.caches, expect=cfg.expect, tokenizer=cfg.tokenizer_path(), num_workers=cfg.num_workers,
-                  seed=cfg.seed, allow_missing=cfg.allow_missing, max_answer_len=cfg.max_answer_len)
     train_sc = StreamConfig(shards=shard_paths(cfg.shards, "train"), batch_size=cfg.batch_size,
-                            shuffle_buffer=cfg.shuffle_buffer, resample=num_processes > 1, **common)
-    eval_sc = StreamConfig(shards=shard_paths(cfg.shards, eval_side), batch_size=cfg.eval_batch_size, **common)
-    return train_sc, eval_sc
+                            shuffle_buffer=cfg.shuffle_buffer, resample=num_processes > 1, **stream_settings(cfg))
+    return train_sc, eval_stream_config(cfg, shard_paths(cfg.shards, eval_side))
 
 
 def batches(sc: StreamConfig, epoch: int, skip: int, readers: dict):
