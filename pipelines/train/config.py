@@ -35,7 +35,7 @@ TRAIN_PRESETS = {
                      "model": "vit_shapes_patch16_48",
                      # its shipped weights as embed hashes them (scripts/demo_vit.py prints it): a cache
                      # embedded with other (random) weights is refused, naming producer.weights_hash
-                     "weights_hash": "sha256:590d6fb46d234e8fcd0c3cfd963d60c6fbf9d82f2cf93cbce852520acffe8ab2"}}}),
+                     "weights_hash": "sha256:532f9c2ef6546ef9138271e256727c2dcca38e020f97a1c073fbd0c9eb26c1f9"}}}),
 }
 
 # Settings a --resume may change: where the run is, how it is shown and how many threads or which
