@@ -26,7 +26,8 @@ from .common import cli_errors, parse_caches, setup_logging
 @click.option("--limit", type=click.IntRange(min=0), help="Score the first N questions (0: all).")
 @click.option("--allow-missing", is_flag=True,
               help="Drop questions whose id a cache lacks, and count them (on if the run trained so).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads [every core].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads [the run's: the cores left after the stream's workers].")
 @click.option("--progress/--no-progress", default=None, help="A progress bar on stderr [on a terminal].")
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Answer one question about this image.")
 @click.option("--question", help="The question to answer about --image.")
