@@ -1,5 +1,10 @@
 """fuse-sweep on real data: shapes images -> the shipped demo ViT -> LMDB cache -> shards -> a 2×2 grid
-of tiny fused T5s trained for real on the CPU; then the summary, the figures, reruns and broken runs."""
+of tiny fused T5s trained for real on the CPU; then the summary, the figures, reruns and broken runs;
+then a grid over two vector modalities' layers with their ablations.
+
+The second vector modality, ``depth``, is the image cache under another name: every vector modality
+is looked up by the record's image id, so two ``--cache`` entries on one cache make a two-modality
+sweep without a second dataset."""
 
 import dataclasses
 import json
@@ -11,10 +16,12 @@ import pytest
 from click.testing import CliRunner
 
 from pipelines.cli.sweep import main
+from pipelines.errors import SweepError
 from pipelines.sweep.figures import make_figures
 from pipelines.sweep.plan import GridPoint, SweepConfig, plan
 from pipelines.sweep.report import COLUMNS, RunRecord, pareto_front, report, summarise
 from pipelines.sweep.run import prepare_shards, run_sweep
+from pipelines.train.config import TrainConfig
 from pipelines.train.loop import TrainingDiverged, train
 
 RUNS = ["f0-d1-pool_none-r0", "f0-d2-pool_none-r0", "f4-d1-pool_none-r0", "f4-d2-pool_none-r0"]
@@ -262,7 +269,7 @@ def test_the_cpu_grid_and_its_overrides():
     assert (cfg.fuse_layers, cfg.decoder_layers, cfg.pools, cfg.repeats) == ((0, 2, 4), (1, 2), ("none",), 2)
     assert cfg.train == {"preset": "demo", "steps": 20, "eval_every": 50, "lr": 1e-3}  # None: not given
     assert [p.name for p in cfg.points(2)][:3] == ["f0-d1-pool_none-r0", "f0-d1-pool_none-r1", "f0-d2-pool_none-r0"]
-    assert GridPoint(3, 2, "attention:14", 1).name == "f3-d2-pool_attention14-r1"
+    assert GridPoint((("image", 3),), 2, (("image", "attention:14"),), 1).name == "f3-d2-pool_attention14-r1"
 
 
 def test_vqa_folder_shards_are_written_once(data, tmp_path):
@@ -271,6 +278,175 @@ def test_vqa_folder_shards_are_written_once(data, tmp_path):
     manifest = (tmp_path / "qa" / "manifest.json").stat().st_mtime_ns
     prepare_shards(cfg)
     assert (tmp_path / "qa" / "manifest.json").stat().st_mtime_ns == manifest
+    assert json.loads((tmp_path / "qa" / "manifest.json").read_text())["split_by"] == "image"
+
+
+def test_vqa_folder_split_by_question_and_a_split_that_differs(data, tmp_path):
+    """--split-by question: a random 80% of the questions (the thesis' split), so images fall on both
+    sides; shards split otherwise are refused, not silently reused."""
+    cfg = SweepConfig(out=str(tmp_path), vqa=str(data / "shapes"), split_by="question", caches={"image": "c"},
+                      fuse_layers=(0,))
+    prepare_shards(cfg)
+    manifest = json.loads((tmp_path / "qa" / "manifest.json").read_text())
+    assert manifest["split_by"] == "question"
+    assert manifest["train"]["images"] + manifest["eval"]["images"] > manifest["images"]
+    by_image = SweepConfig(out=str(tmp_path), vqa=str(data / "shapes"), caches={"image": "c"}, fuse_layers=(0,))
+    with pytest.raises(SweepError, match=r"^--split-by image: .*/qa was split by question; sweep into another --out"):
+        prepare_shards(by_image)
+    with pytest.raises(ValueError, match=r"^--split-by question: only with --vqa"):
+        SweepConfig(out="x", shards="qa", split_by="question", caches={"image": "c"}, fuse_layers=(0,))
+
+
+# ---- several modalities: --fuse, --fuse-grid, --ablate ---------------------------------------------
+
+def grid_flags(data, out, *extra):
+    """Two vector modalities on one cache (see the module docstring); no --fuse-layers."""
+    return ["--shards", str(data / "qa"), "--cache", f"image={data / 'cache'}", "--cache", f"depth={data / 'cache'}",
+            "--t5", "tiny", "--tokenizer", "words", "--steps", "6", "--eval-every", "3", "--batch-size", "16",
+            "--lr", "1e-2", "--warmup", "0", "--num-workers", "0", "--decoder-layers", "1", "--out", str(out), *extra]
+
+
+MULTI = {  # run -> its --fuse: the 2×2 grid over the image's and depth's layers, then each without one of them
+    "image0-depth0-d1-pool_none-r0": "0:question 0:image 0:depth",
+    "image0-depth4-d1-pool_none-r0": "0:question 0:image 4:depth",
+    "image4-depth0-d1-pool_none-r0": "0:question 4:image 0:depth",
+    "image4-depth4-d1-pool_none-r0": "0:question 4:image 4:depth",
+    "no_image-depth0-d1-pool_none-r0": "0:question 0:depth",
+    "image0-no_depth-d1-pool_none-r0": "0:question 0:image",
+    "no_image-depth4-d1-pool_none-r0": "0:question 4:depth",
+    "image4-no_depth-d1-pool_none-r0": "0:question 4:image",
+}
+
+
+@pytest.fixture(scope="module")
+def multi(data):
+    """``--fuse-grid "image=0,4 depth=0,4" --ablate``, run once through the CLI."""
+    out = data / "multi"
+    result = CliRunner().invoke(main, grid_flags(data, out, "--fuse-grid", "image=0,4 depth=0,4", "--ablate"))
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_fuse_grid_with_ablate_trains_each_combination_and_each_modality_removed(multi):
+    out, _ = multi
+    assert sorted(p.name for p in (out / "runs").iterdir()) == sorted(MULTI)
+    for name, fuse in MULTI.items():
+        config = json.loads((out / "runs" / name / "results.json").read_text())["config"]
+        assert (config["fuse"], config["pool"], config["decoder_layers"], config["steps"]) == (fuse, "", 1, 6)
+        assert set(config["caches"]) == {"image", "depth"}  # the same settings for every run, ablations too
+    log = (out / "sweep.log").read_text()
+    assert "run 5/8 no_image-depth0-d1-pool_none-r0: --fuse '0:question 0:depth'" in log
+
+
+def test_the_summary_has_a_modality_axis_and_the_ablation_rows(multi):
+    out, output = multi
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["swept"] == ["image", "depth"] and summary["finished"] == 8
+    assert [(p["layers"].get("image"), p["layers"].get("depth"), p["ablated"]) for p in summary["points"]] == [
+        (0, 0, ""), (0, 4, ""), (4, 0, ""), (4, 4, ""), (0, None, "depth"), (4, None, "depth"),
+        (None, 0, "image"), (None, 4, "image")]
+    assert not any(p["pareto"] for p in summary["points"] if p["ablated"])
+    points = {p["fuse"]: p for p in summary["points"]}
+    ablation = summary["ablation"]
+    assert [(a["fuse"], a["removed"], a["fuse_without"]) for a in ablation] == [
+        ("0:question,image,depth", "image", "0:question,depth"), ("0:question,image,depth", "depth", "0:question,image"),
+        ("0:question,image 4:depth", "image", "0:question 4:depth"),
+        ("0:question,image 4:depth", "depth", "0:question,image"),
+        ("0:question,depth 4:image", "image", "0:question,depth"),
+        ("0:question,depth 4:image", "depth", "0:question 4:image"),
+        ("0:question 4:image,depth", "image", "0:question 4:depth"),
+        ("0:question 4:image,depth", "depth", "0:question 4:image")]
+    for a in ablation:
+        without, full = points[a["fuse_without"]], points[a["fuse"]]
+        assert a["best_accuracy_pct"] == without["best_accuracy_pct"] and a["runs"] == without["runs"]
+        assert a["full_best_accuracy_pct"] == full["best_accuracy_pct"]
+        assert a["best_drop_pct"] == pytest.approx(full["best_accuracy_pct"] - without["best_accuracy_pct"], abs=1e-3)
+    assert summary["figures"] == ["figures/accuracy_heatmap_image_depth.png", "figures/accuracy_vs_flops.png",
+                                  "figures/curves.png", "figures/ablation.png"]
+    for f in summary["figures"]:
+        assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    header = (out / "summary.csv").read_text().splitlines()[0].split(",")
+    assert header[:4] == ["fuse", "layer_image", "layer_depth", "fuse_layer"] and len(header) == len(COLUMNS) + 2
+    md = (out / "summary.md").read_text()
+    assert "| fusion (--fuse) | without |" in md and "## Ablation: each vector modality removed in turn" in md
+    assert "| `0:question,image 4:depth` | 1 | none | depth |" in md
+    assert "Ablation:" in output and "![ablation](figures/ablation.png)" in md
+    # The report from the run folders alone draws the same.
+    before = {f: (out / f).read_bytes() for f in SUMMARY}
+    result = CliRunner().invoke(main, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {f: (out / f).read_bytes() for f in SUMMARY} == before
+
+
+def test_fuse_base_with_a_vector_modality_and_the_plan_of_its_ablations(data, tmp_path):
+    """A modality fixed in --fuse is ablated too; runs that differ only in the removed modality share
+    their ablation; --dry-run prints each run's --fuse."""
+    result = CliRunner().invoke(main, grid_flags(data, tmp_path / "out", "--fuse", "0:question 2:depth", "--fuse-grid",
+                                                 "image=0,4", "--ablate", "--dry-run"))
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "f0-d1-pool_none-r0\ttodo\t--fuse '0:question 2:depth 0:image'",
+        "f4-d1-pool_none-r0\ttodo\t--fuse '0:question 2:depth 4:image'",
+        "f0-no_depth-d1-pool_none-r0\ttodo\t--fuse '0:question 0:image'",
+        "no_image-d1-pool_none-r0\ttodo\t--fuse '0:question 2:depth'",
+        "f4-no_depth-d1-pool_none-r0\ttodo\t--fuse '0:question 4:image'",
+        "5 of 5 run(s) to do (6 steps each)"]
+    result = CliRunner().invoke(main, grid_flags(data, tmp_path / "out", "--fuse-grid", "image=0,2 depth=0,2,4",
+                                                 "--dry-run"))
+    assert result.exit_code == 0, result.output
+    assert [line.split("\t")[0] for line in result.output.splitlines()[:-1]] == [
+        f"image{i}-depth{d}-d1-pool_none-r0" for i in (0, 2) for d in (0, 2, 4)]
+
+
+def test_pooling_per_modality_and_an_ablation_that_leaves_nothing():
+    cfg = SweepConfig(out="x", shards="qa", caches={"image": "c", "depth": "c"}, fuse_grid={"image": (0, 4)},
+                      fuse="0:question 2:depth", pools=("image:none", "image:attention:4", "depth:mean:2"))
+    # Every combination of the modalities' lists; depth (fixed in --fuse) first, as it joins first.
+    assert [(p.name, p.pool) for p in cfg.points(1)] == [
+        ("f0-d1-pool_depth_mean2_image_none-r0", "depth:mean:2 image:none"),
+        ("f0-d1-pool_depth_mean2_image_attention4-r0", "depth:mean:2 image:attention:4"),
+        ("f4-d1-pool_depth_mean2_image_none-r0", "depth:mean:2 image:none"),
+        ("f4-d1-pool_depth_mean2_image_attention4-r0", "depth:mean:2 image:attention:4")]
+    base = TrainConfig(shards="", caches={"image": "c", "depth": "c"}, fuse="0:question")
+    assert [cfg.run_config(base, p).pool for p in cfg.points(1)][:2] == ["depth:mean:2", "depth:mean:2 image:attention:4"]
+    alike = SweepConfig(out="x", shards="qa", caches={"image": "c", "depth": "c"}, fuse_grid="image=0 depth=0",
+                        pools=("none", "attention:4"))
+    assert [p.pool for p in alike.points(1)] == ["none", "attention:4"]  # every vector modality alike
+    nothing = SweepConfig(out="x", shards="qa", caches={"image": "c"}, fuse="", fuse_grid="image=0,4", ablate=True)
+    assert [p.name for p in nothing.points(1)] == ["f0-d1-pool_none-r0", "f4-d1-pool_none-r0"]
+    assert nothing.skipped_ablations() == ["--ablate: 0:image without image fuses nothing; not trained",
+                                           "--ablate: 4:image without image fuses nothing; not trained"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--fuse-grid", "image=0,5 depth=0"],
+     "--fuse-grid image=5: the encoder of --t5 tiny has 4 layers, so a fusion layer is in 0..4 (0 = early, 4 = late fusion)"),
+    (["--fuse", "0:question 6:depth", "--fuse-grid", "image=0"],
+     ("--fuse 0:question 6:depth: 6:depth: the encoder of --t5 tiny has 4 layers, so a fusion layer is in 0..4 "
+      "(0 = early, 4 = late fusion)")),
+    (["--fuse", "0:question 2:image", "--fuse-grid", "image=0,4 depth=0"],
+     ("--fuse-grid image=0,4: 'image' is in --fuse 0:question 2:image too; a modality joins once, so fix it there "
+      "or sweep it here")),
+    (["--fuse-grid", "image=0,4", "--fuse-layers", "0,4"],
+     "--fuse-layers: give the grid as --fuse-grid or as --modality/--fuse-layers, not both"),
+    (["--fuse-grid", "image=0,x"], "--fuse-grid image=0,x: the layers are comma-separated integers, e.g. image=0,2,4"),
+    (["--fuse-grid", "image=0 image=4"], "--fuse-grid image=4: 'image' is given twice"),
+    (["--fuse-grid", "image=0", "--pool", "none,image:mean:2"],
+     ("--pool none,image:mean:2: give every setting as TYPE[:LENGTH] (every vector modality alike) or every one as "
+      "MODALITY:TYPE[:LENGTH], not both")),
+    (["--fuse-grid", "image=0", "--pool", "audio:mean:2"],
+     "--pool audio:mean:2: 'audio' is not a vector modality of the sweep (image)"),
+    (["--fuse-grid", "image=0 depth=0", "--pool", "depth:attention:20"],
+     "--pool depth:attention:20: the depth cache holds 9 tokens per item; pooling keeps at most that many"),
+    (["--fuse", "", "--fuse-grid", "question=0"],
+     ("--fuse-grid 'question=0': nothing to sweep: no modality of it or of --fuse '' has a --cache (given: image, "
+      "depth); e.g. --fuse-grid image=0,2,4 --cache image=PATH (or --fuse-layers 0,2,4, or --grid cpu)")),
+])
+def test_a_bad_fuse_grid_exits_2_naming_the_flag(data, tmp_path, extra, message):
+    result = CliRunner().invoke(main, grid_flags(data, tmp_path / "out", *extra))
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1] == f"Error: {message}"
+    assert not (tmp_path / "out").exists()
 
 
 # ---- the figures and the summary on made-up results (no training) ---------------------------------

@@ -52,10 +52,12 @@ def _logging_to(runs_dir):
 
 
 def _echo_summary(summary: dict) -> None:
-    from ..sweep.report import markdown_table
+    from ..sweep.tables import ablation_table, markdown_table
 
     if summary["points"]:
         click.echo(markdown_table(summary["points"]))
+    if summary["ablation"]:
+        click.echo("\nAblation:\n" + ablation_table(summary["ablation"]))
     for what in ("failed", "broken"):
         for b in summary[what]:
             click.echo(f"{what}: {b['run']}: {b['reason']}")
@@ -75,8 +77,9 @@ class SweepGroup(click.Group):
 
 @click.group(cls=SweepGroup)
 def main():
-    """Answer "where to fuse": one training per grid point (fusion layer × decoder depth × pooling
-    × repeat), then summary tables and figures.
+    """Answer "where to fuse": one training per grid point (the swept modalities' fusion layers ×
+    decoder depth × pooling × repeat; with --ablate, each point also without each vector modality),
+    then summary tables and figures.
 
     `fuse-sweep run` may be written `fuse-sweep` (see `fuse-sweep run --help`).
 
@@ -84,6 +87,7 @@ def main():
 
     \b
         fuse-sweep --grid cpu --shards runs/qa --cache image=runs/cache --out runs/sweep
+        fuse-sweep --shards runs/qa --cache image=runs/cache --cache audio=runs/audio --fuse-grid "image=0,4 audio=0,2,4" --ablate --preset demo --out runs/sweep-av
         fuse-sweep report runs/sweep
     """
 
@@ -92,20 +96,37 @@ def main():
 @click.option("--shards", type=click.Path(exists=True, file_okay=False), help="Folder written by `vqa-data shards`.")
 @click.option("--vqa", type=click.Path(exists=True, file_okay=False),
               help="A VQA v2 folder instead of --shards: its shards are written to OUT/qa once.")
+@click.option("--split-by", type=click.Choice(["image", "question"]),
+              help="With --vqa: split 80/20 by image (no image on both sides) or by question (a random 80% of "
+                   "the questions, as the thesis did).  [default: image]")
 @click.option("--cache", "caches", multiple=True, metavar="MODALITY=PATH",
-              help="An embedding cache per vector modality.")
+              help="An embedding cache per vector modality (a modality without one is a text field).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Runs directory: runs/, summary.{csv,json,md}, figures/, sweep.log.")
 @click.option("--grid", type=click.Choice(sorted(GRIDS)),
               help="A named grid (cpu: fusion 0,2,4 × decoder 1,2 × 2 seeds, demo preset, 300 steps); "
                    "flags override it.")
-@click.option("--modality", help="The vector modality whose fusion layer is swept.  [default: image]")
+@click.option("--fuse", metavar="SPEC",
+              help="The fixed part of every run's fusion spec, in fuse-train's --fuse syntax; \"\" for none.  "
+                   "[default: 0:question]")
+@click.option("--fuse-grid", metavar="\"MOD=L,L MOD=L,L\"",
+              help="The swept modalities' fusion layers (0 = early, encoder depth = late), on top of --fuse: "
+                   "every combination is a grid point, e.g. \"image=0,4 audio=0,2,4\" (6 points). A modality "
+                   "may not be in both.")
+@click.option("--modality", help="With --fuse-layers: the modality swept (--fuse-layers L,L is --fuse-grid "
+                                 "MODALITY=L,L).  [default: image]")
 @click.option("--fuse-layers", callback=_ints, metavar="L,L,...",
-              help="Fusion layers of the modality (0 = early, encoder depth = late); the question joins at 0.")
+              help="Fusion layers of --modality: a one-modality --fuse-grid (runs named f3-d2-...).")
 @click.option("--decoder-layers", callback=_ints, metavar="N,N,...", help="Decoder depths.  [default: the model's]")
 @click.option("--pool", "pools", callback=_words, metavar="P,P,...",
-              help="Poolings: none or TYPE:LENGTH (mean, max, attention), e.g. none,mean:4,attention:4.  "
+              help="Poolings of the vector modalities. TYPE[:LENGTH] items (none, mean:4, max:4, attention:4) "
+                   "pool every vector modality alike, one grid value each: none,attention:4. MOD:TYPE[:LENGTH] "
+                   "items pool one modality each; the grid takes every combination, a modality not named is "
+                   "not pooled: image:none,image:attention:4,audio:mean:2 (2 values). Not both kinds.  "
                    "[default: none]")
+@click.option("--ablate", is_flag=True, default=None,
+              help="Also train each grid point without each vector modality in turn (runs named no_MOD; "
+                   "one run per distinct spec); summary and figures set them beside the point.")
 @click.option("--repeats", type=int, help="Runs per grid point (seeds --seed, --seed + 1, ...).  [default: 1]")
 @click.option("--retry-failed", is_flag=True, default=None,
               help="Redo runs that failed (diverged or raised) in an earlier sweep.")
@@ -113,6 +134,9 @@ def main():
 @train_options(skip=_SWEEP_OWNS)
 def run(caches, grid, dry_run, **flags):
     """Train every grid point that is not finished yet, then write the summary and figures.
+
+    A run fuses --fuse (default: the question at layer 0) plus each --fuse-grid modality at its
+    grid layer; every run is checked against the model and the caches before any training.
 
     Finished runs are skipped; a run folder without a whole results.json (a killed run) goes on
     from its last checkpoint if it was started with the same settings, else it is deleted and run
@@ -125,6 +149,7 @@ def run(caches, grid, dry_run, **flags):
     \b
         fuse-sweep --shards runs/qa --cache image=runs/cache --fuse-layers 0,1,2,3,4 --decoder-layers 1,2,4 --preset demo --steps 300 --out runs/sweep
         fuse-sweep --grid cpu --shards runs/qa --cache image=runs/cache --out runs/sweep
+        fuse-sweep --shards runs/qa --cache image=runs/cache --cache audio=runs/audio --fuse "0:question 4:image" --fuse-grid audio=0,2,4 --ablate --pool image:attention:4,audio:none,audio:mean:2 --preset demo --out runs/sweep-audio
     """
     from ..sweep.plan import plan
     from ..sweep.run import run_sweep
@@ -138,7 +163,10 @@ def run(caches, grid, dry_run, **flags):
         base, todo = plan(cfg)  # every grid point checked before anything is written
     if dry_run:
         for point, status, reason in todo:
-            click.echo(f"{point.name}\t{status}" + (f"\t{reason}" if reason else ""))
+            click.echo(f"{point.name}\t{status}\t--fuse '{cfg.run_config(base, point).fuse}'"
+                       + (f"\t{reason}" if reason else ""))
+        for note in cfg.skipped_ablations():
+            click.echo(note)
         click.echo(f"{sum(s != 'finished' and s != 'failed' for _, s, _ in todo)} of {len(todo)} run(s) to do "
                    f"({base.steps} steps each)")
         return

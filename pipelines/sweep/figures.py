@@ -3,28 +3,36 @@
 After the thesis "Where to Fuse" (Lund University, 2024):
 
 - ``accuracy_heatmap*.png``: best and last-step VQA accuracy over fusion layer × decoder layers (Fig. 16);
-- ``fusion_layer*.png``: training steps/s and best accuracy against the fusion layer (Fig. 17);
+  with several swept modalities, ``accuracy_heatmap_<A>_<B>*.png`` instead: over A's layers × B's
+  layers, one per pair, a row per decoder depth (:mod:`.modality_figures`);
+- ``fusion_layer*.png``: training steps/s and best accuracy against the fusion layer (Fig. 17; one
+  swept modality only);
 - ``pooling_<type>.png``: steps/s and accuracy against the pooled length, per pooling type (Figs. 18–21);
 - ``accuracy_vs_flops.png``: best accuracy against the FLOPs of one training step, Pareto front marked;
-- ``curves.png``: eval accuracy against the training step, every run.
+- ``curves.png``: eval accuracy against the training step, every run;
+- ``ablation.png``: each grid point's accuracy with every modality and without each vector modality
+  in turn (``--ablate``; :mod:`.modality_figures`).
+
+Only the sweep's own points are drawn in the first five; runs of ``--ablate`` go to ``ablation.png``.
 
 A figure whose x axis would hold a single value is skipped with a log line. One file per pooling
 setting where the grid has several (suffix ``_pool_<setting>``).
 """
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from .grid import pool_sort_key
+from .grid import pool_sort_key, swept_modalities
 
 log = logging.getLogger(__name__)
 
 DPI = 120
 ACC = "VQA accuracy (%)"
 SPEED = "training speed (steps/s)"
-FUSION = "fusion layer of the image tokens"
+FUSION = "fusion layer of the {} tokens"
 DECODER = "decoder layers (blocks)"
 
 
@@ -53,6 +61,26 @@ def _dec_label(d) -> str:
     return "default" if d is None else str(d)
 
 
+class Where(tuple):
+    """Where a grid point's swept modalities join when there are several (sorts as the layers, reads
+    ``image3 audio0``): stands in for the fusion layer in the figures that draw a line or colour per layer."""
+
+    def __new__(cls, layers: dict, swept: list):
+        where = super().__new__(cls, tuple(layers.get(m) for m in swept))
+        where.names = tuple(swept)
+        return where
+
+    def __str__(self) -> str:
+        return " ".join(f"{m}{layer}" for m, layer in zip(self.names, self))
+
+
+def _where_label(layer, short: bool = False) -> str:
+    """A line's or point's label: ``fusion layer 3`` (``f3``), or ``image3 audio0`` for several modalities."""
+    if isinstance(layer, Where):
+        return str(layer)
+    return f"f{layer}" if short else f"fusion layer {layer}"
+
+
 def _by_pool(rows: list) -> dict:
     pools = {}
     for r in rows:
@@ -66,7 +94,7 @@ def _pool_title(pool: str, several: bool) -> str:
 
 # ---- Figure 16: heatmaps --------------------------------------------------------------------------
 
-def heatmaps(rows: list, out: Path, encoder_layers, written: list) -> None:
+def heatmaps(rows: list, out: Path, encoder_layers, written: list, fusion: str = FUSION.format("image")) -> None:
     pools = _by_pool(rows)
     for pool, prs in pools.items():
         layers = sorted({r["fuse_layer"] for r in prs})
@@ -98,7 +126,7 @@ def heatmaps(rows: list, out: Path, encoder_layers, written: list) -> None:
                     ax.text(x, y, text, ha="center", va="center", fontsize=9, color="black" if light else "white")
             ax.set_xticks(range(len(layers)), _fusion_labels(layers, encoder_layers))
             ax.set_yticks(range(len(decs)), [_dec_label(d) for d in decs])
-            ax.set_xlabel(FUSION)
+            ax.set_xlabel(fusion)
             ax.set_title(f"VQA accuracy, {title}")
         axes[0].set_ylabel(DECODER)
         fig.colorbar(im, ax=list(axes), label=ACC, shrink=0.9)
@@ -113,7 +141,7 @@ def _errorbar(ax, xs, ys, errs, **kw):
     ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, **kw)
 
 
-def fusion_layer(rows: list, out: Path, encoder_layers, written: list) -> None:
+def fusion_layer(rows: list, out: Path, encoder_layers, written: list, fusion: str = FUSION.format("image")) -> None:
     pools = _by_pool(rows)
     for pool, prs in pools.items():
         layers = sorted({r["fuse_layer"] for r in prs})
@@ -134,7 +162,7 @@ def fusion_layer(rows: list, out: Path, encoder_layers, written: list) -> None:
                       [r["best_accuracy_pct_std"] for r in line], color=color, label=label)
         for ax, ylabel, title in ((axes[0], SPEED, "Training speed"), (axes[1], ACC, "Best VQA accuracy")):
             ax.set_xticks(layers, _fusion_labels(layers, encoder_layers))
-            ax.set_xlabel(FUSION)
+            ax.set_xlabel(fusion)
             ax.set_ylabel(ylabel)
             ax.set_title(title + " against the fusion layer")
             ax.grid(alpha=0.3)
@@ -146,7 +174,7 @@ def fusion_layer(rows: list, out: Path, encoder_layers, written: list) -> None:
 # ---- Figures 18–21: pooling length ----------------------------------------------------------------
 
 def pooling(rows: list, out: Path, full_length, written: list) -> None:
-    kinds = sorted({r["pool_type"] for r in rows if r["pool_type"] != "none"})
+    kinds = sorted({r["pool_type"] for r in rows if r["pool_length"] is not None})  # not per-modality ones
     unpooled = [r for r in rows if r["pool_type"] == "none"]
     for kind in kinds:
         prs = [r for r in rows if r["pool_type"] == kind]
@@ -172,7 +200,7 @@ def pooling(rows: list, out: Path, full_length, written: list) -> None:
                         ax.plot([full_length], [ref[0][key]], marker="s", markersize=9, color=colors[L],
                                 fillstyle="none", linestyle="none")
                     if xs:
-                        _errorbar(ax, xs, ys, es, color=colors[L], label=f"fusion layer {L}")
+                        _errorbar(ax, xs, ys, es, color=colors[L], label=_where_label(L))
             for ax, ylabel in ((row_axes[0], SPEED), (row_axes[1], ACC)):
                 ax.set_xscale("log", base=2)
                 ticks = sorted(lengths)
@@ -208,20 +236,22 @@ def accuracy_vs_flops(rows: list, out: Path, written: list) -> None:
         ax.errorbar(r["flops_per_step"] / scale, r["best_accuracy_pct"], yerr=r["best_accuracy_pct_std"] or None,
                     marker="o", color=colors[r["fuse_layer"]], capsize=3, markersize=7,
                     markeredgecolor="red" if r["pareto"] else "none", markeredgewidth=1.5)
-        label = f"f{r['fuse_layer']} d{_dec_label(r['decoder_layers'])}" + (f" {r['pool']}" if several_pools else "")
+        label = (f"{_where_label(r['fuse_layer'], short=True)} d{_dec_label(r['decoder_layers'])}"
+                 + (f" {r['pool']}" if several_pools else ""))
         ax.annotate(label, (r["flops_per_step"] / scale, r["best_accuracy_pct"]), textcoords="offset points",
                     xytext=(5, 6 if i % 2 == 0 else -13), fontsize=8)  # alternate: neighbours do not overlap
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["flops_per_step"])
     ax.plot([r["flops_per_step"] / scale for r in front], [r["best_accuracy_pct"] for r in front],
             color="red", linestyle="--", drawstyle="steps-post", label="Pareto front (red rims)")
     for L in layers:
-        ax.plot([], [], marker="o", linestyle="none", color=colors[L], label=f"fusion layer {L}")
+        ax.plot([], [], marker="o", linestyle="none", color=colors[L], label=_where_label(L))
     if max(flops) / min(flops) > 8:
         ax.set_xscale("log")
     ax.margins(x=0.1)  # room for the labels of the outermost points
     ax.set_xlabel(f"compute per training step ({unit}, analytical count)")
     ax.set_ylabel("best " + ACC)
-    ax.set_title("Accuracy against compute (labels: f = fusion layer, d = decoder layers)")
+    where = "where each modality joins" if isinstance(layers[0], Where) else "f = fusion layer"
+    ax.set_title(f"Accuracy against compute (labels: {where}, d = decoder layers)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, out / "accuracy_vs_flops.png", written)
@@ -249,7 +279,7 @@ def curves(records: list, out: Path, written: list) -> None:
                 continue
             steps, accs = zip(*r.history)
             ax.plot(steps, [100 * a for a in accs], marker=".", color=colors[r.fuse_layer], alpha=0.85,
-                    label=None if r.fuse_layer in seen else f"fusion layer {r.fuse_layer}")
+                    label=None if r.fuse_layer in seen else _where_label(r.fuse_layer))
             seen.add(r.fuse_layer)
         ax.set_title(f"{_dec_label(d)} decoder layer(s)" + (f", pooling {pool}" if several_pools else ""))
         ax.set_xlabel("training step")
@@ -263,7 +293,7 @@ def curves(records: list, out: Path, written: list) -> None:
 
 
 def make_figures(rows: list, records: list, out, encoder_layers: int | None = None,
-                 full_length: int | None = None) -> list:
+                 full_length: int | None = None, ablation: list = ()) -> list:
     """Draw every figure the grid allows into ``out``; returns the paths written.
 
     Args:
@@ -271,16 +301,32 @@ def make_figures(rows: list, records: list, out, encoder_layers: int | None = No
         records: the finished runs (:class:`pipelines.sweep.report.RunRecord`), for the curves.
         encoder_layers: the encoder's depth, to mark late fusion on the axes (None: unmarked).
         full_length: the image's token count without pooling (the "none" point of the pooling figures).
+        ablation: the ablation rows (:func:`pipelines.sweep.report.ablation_rows`), for ``ablation.png``.
     """
+    from .modality_figures import ablation_bars, pair_heatmaps
+
     out = Path(out)
     written = []
     if not rows:
         log.info("no figures: no finished runs")
         return written
     out.mkdir(parents=True, exist_ok=True)
-    heatmaps(rows, out, encoder_layers, written)
-    fusion_layer(rows, out, encoder_layers, written)
-    pooling(rows, out, full_length, written)
-    accuracy_vs_flops(rows, out, written)
+    own = [r for r in rows if not r.get("ablated")]
+    records = [r for r in records if not r.ablated]
+    swept = swept_modalities(own)
+    if len(swept) > 1:
+        pair_heatmaps(own, swept, out, encoder_layers, written)
+        log.info("figures accuracy_heatmap and fusion_layer skipped: %d modalities swept (%s); see the "
+                 "accuracy_heatmap_<A>_<B> figures", len(swept), ", ".join(swept))
+        own = [{**r, "fuse_layer": Where(r["layers"], swept)} for r in own]
+        records = [replace(r, fuse_layer=Where(r.layers, swept)) for r in records]
+    else:
+        vectors = [m for r in own for m in r.get("pools", {})]
+        fusion = FUSION.format(swept[0] if swept else (vectors or ["image"])[0])
+        heatmaps(own, out, encoder_layers, written, fusion)
+        fusion_layer(own, out, encoder_layers, written, fusion)
+    pooling(own, out, full_length, written)
+    accuracy_vs_flops(own, out, written)
     curves(records, out, written)
+    ablation_bars(ablation, out, written)
     return written

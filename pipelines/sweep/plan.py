@@ -1,23 +1,38 @@
 """What a sweep is and what is left of it: :class:`SweepConfig`, the grid's checks and :func:`plan`.
 
-A grid point is a fusion layer L of the swept modality (``--fuse "0:question L:image"``), a decoder
-depth, a pooling setting and a repeat index (seed = base seed + repeat), trained into
-``RUNS_DIR/runs/<name>/`` (``f3-d2-pool_none-r0``) by :func:`pipelines.sweep.run.run_sweep`. Every
-grid point is checked against the model and the cache before any training; :func:`plan` says which
-runs are finished, failed, broken or still to do.
+A sweep fixes part of the fusion spec (``--fuse``, fuse-train's syntax; default ``0:question``) and
+varies the join layers of some modalities on top of it (``--fuse-grid "image=0,4 audio=0,2,4"``:
+every combination of the lists; ``--modality image --fuse-layers 0,2,4`` is ``--fuse-grid
+image=0,2,4``). A grid point is a layer per swept modality, a decoder depth, a pooling setting and a
+repeat index (seed = base seed + repeat), trained into ``RUNS_DIR/runs/<name>/`` (names: see
+:mod:`.grid`) by :func:`pipelines.sweep.run.run_sweep`. ``--ablate`` adds, for every grid point, the
+same point without each vector modality in turn (a vector modality is one with a ``--cache``; a text
+field has none). Every run is checked against the model and the caches before any training;
+:func:`plan` says which runs are finished, failed, broken or still to do.
 """
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
+from itertools import product
 from pathlib import Path
 
-from fuse import T5_PRESETS, FusionConfigError, PoolSpec
+from fuse import FusionConfigError, FusionSpec, PoolSpec
 
-from ..errors import GridError, SweepError
-from ..train.config import TEXT, TrainConfig
-from .grid import RUNS, GridPoint
-from .report import RESULTS, classify
+from ..data.splits import SPLIT_BY
+from ..train.config import TrainConfig
+from .checks import check_grid, check_settings
+from .grid import (
+    RUNS,
+    GridPoint,
+    format_fuse_grid,
+    join,
+    parse_fuse_grid,
+    qualified_pool,
+    spec_without,
+)
+from .report import classify
+
+DEFAULT_FUSE = "0:question"  # VQA's question at layer 0, as the thesis fused it
 
 # Named grids; flags given on the command line override their values.
 GRIDS = {
@@ -28,24 +43,27 @@ GRIDS = {
                 train=dict(preset="demo", steps=300, eval_every=50, lr=1e-3)),
 }
 
-# Settings that name where a run's files go or how it is shown, not what it computes: they may
-# differ between a finished run and its rerun.
-_NOT_SETTINGS = ("out", "progress", "overwrite", "resume", "stop_at")
-
-
 @dataclass
 class SweepConfig:
-    """A sweep. Field names are the CLI flags (``fuse_layers`` is ``--fuse-layers``).
+    """A sweep. Field names are the CLI flags (``fuse_grid`` is ``--fuse-grid``).
 
     Attributes:
         out: the runs directory (``runs/``, ``summary.*``, ``figures/``, ``sweep.json``).
         shards: folder written by ``vqa-data shards``; or
-        vqa: a VQA v2 folder: its shards are written to ``out/qa`` once.
-        caches: modality -> embedding cache (``--cache image=PATH``).
-        modality: the vector modality whose join layer is swept (the question joins at 0).
-        fuse_layers: the fusion layers of ``modality`` (0 = early, encoder depth = late).
+        vqa: a VQA v2 folder: its shards are written to ``out/qa`` once,
+        split_by: split 80/20 by ``image`` (no image on both sides; "" = image) or by ``question``
+            (a random 80% of the questions, as the thesis did); with ``vqa`` only.
+        caches: vector modality -> embedding cache (``--cache image=PATH``).
+        fuse: the fixed part of every run's fusion spec (fuse-train's ``--fuse``; "" = none).
+        fuse_grid: swept modality -> its join layers (``"image=0,4 audio=0,2,4"`` or a mapping); every
+            combination is a grid point, on top of ``fuse``.
+        modality, fuse_layers: the older form of a one-modality grid: ``fuse_grid = {modality: fuse_layers}``
+            (modality default ``image``).
         decoder_layers: decoder depths; empty: the model's own.
-        pools: pooling of ``modality``: ``none`` or ``TYPE:LENGTH`` (``attention:14``).
+        pools: pooling settings: ``none`` or ``TYPE:LENGTH`` (``attention:14``), for every vector
+            modality alike; or ``MODALITY:TYPE[:LENGTH]`` items, the product over the modalities named
+            (one not named: none).
+        ablate: also train each grid point without each vector modality in turn.
         repeats: runs per grid point, seeds ``seed``, ``seed + 1``, ...
         train: ``fuse-train`` settings shared by every run (``preset``, ``file`` (a config file) and
             TrainConfig fields; ``None`` values are not given).
@@ -55,11 +73,15 @@ class SweepConfig:
     out: str
     shards: str = ""
     vqa: str = ""
+    split_by: str = ""
     caches: dict = field(default_factory=dict)
-    modality: str = "image"
+    fuse: str = DEFAULT_FUSE
+    fuse_grid: dict = field(default_factory=dict)
+    modality: str = ""
     fuse_layers: tuple = ()
     decoder_layers: tuple = ()
     pools: tuple = ("none",)
+    ablate: bool = False
     repeats: int = 1
     train: dict = field(default_factory=dict)
     retry_failed: bool = False
@@ -68,33 +90,59 @@ class SweepConfig:
         self.fuse_layers, self.decoder_layers = tuple(self.fuse_layers), tuple(self.decoder_layers)
         if bool(self.shards) == bool(self.vqa):
             raise ValueError("give one of --shards DIR (from `vqa-data shards`) or --vqa DIR (a VQA v2 folder)")
-        if self.modality == TEXT:
-            raise ValueError(f"--modality {TEXT}: the question always joins at layer 0; sweep a vector modality")
-        if self.modality not in self.caches:
-            raise ValueError(f"--cache: no cache for the swept modality '{self.modality}' "
-                             f"(--cache {self.modality}=PATH)")
-        if not self.fuse_layers:
-            raise ValueError("--fuse-layers: give at least one layer, e.g. --fuse-layers 0,2,4 (or --grid cpu)")
-        for flag, values in (("--fuse-layers", self.fuse_layers), ("--decoder-layers", self.decoder_layers)):
-            if len(set(values)) != len(values):
-                raise ValueError(f"{flag} {_join(values)}: a value is given twice")
-        for layer in self.fuse_layers:
-            if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-                raise ValueError(f"--fuse-layers {layer}: a fusion layer is an integer >= 0")
+        if self.split_by and self.split_by not in SPLIT_BY:
+            raise ValueError(f"--split-by {self.split_by}: choose one of {', '.join(SPLIT_BY)}")
+        if self.split_by and not self.vqa:
+            raise ValueError(f"--split-by {self.split_by}: only with --vqa (--shards were split when written)")
+        self.fuse_grid = parse_fuse_grid(self.fuse_grid or {})
+        if self.fuse_layers and self.fuse_grid:
+            raise ValueError("--fuse-layers: give the grid as --fuse-grid or as --modality/--fuse-layers, not both")
+        if self.modality and not self.fuse_layers:
+            raise ValueError(f"--modality {self.modality}: give its layers with --fuse-layers L,L "
+                             f"(or --fuse-grid {self.modality}=L,L)")
+        if self.fuse_layers and (self.modality or "image") not in self.caches:
+            m = self.modality or "image"
+            raise ValueError(f"--cache: no cache for the swept modality '{m}' (--cache {m}=PATH)")
+        base = self.base_spec()  # raises FusionSpecError naming --fuse
+        for m, layers in self.grid().items():
+            flag = self.grid_flag(m, layers)
+            if not (isinstance(m, str) and m.replace("_", "a").replace("-", "a").isalnum()):
+                raise ValueError(f"{flag}: a modality name is a word (letters, digits, _ and -)")
+            if not layers:
+                raise ValueError(f"{flag}: give at least one layer, e.g. {self.grid_flag(m, (0, 2, 4))}"
+                                 + ("" if self.fuse_grid else " (or --grid cpu)"))
+            if len(set(layers)) != len(layers):
+                raise ValueError(f"{flag}: a value is given twice")
+            for layer in layers:
+                if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+                    raise ValueError(f"{self.grid_flag(m, [layer])}: a fusion layer is an integer >= 0")
+            if base is not None and m in base.modalities():
+                raise ValueError(f"{flag}: '{m}' is in --fuse {self.fuse} too; a modality joins once, so fix it "
+                                 f"there or sweep it here")
+        if not self.vectors():
+            raise ValueError(f"--fuse-grid {format_fuse_grid(self.grid())!r}: nothing to sweep: no modality of it "
+                             f"or of --fuse {self.fuse!r} has a --cache (given: {', '.join(self.caches) or 'none'}); "
+                             f"e.g. --fuse-grid image=0,2,4 --cache image=PATH (or --fuse-layers 0,2,4, or --grid cpu)")
         for depth in self.decoder_layers:
             if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
                 raise ValueError(f"--decoder-layers {depth}: the decoder needs at least 1 block")
+        if len(set(self.decoder_layers)) != len(self.decoder_layers):
+            raise ValueError(f"--decoder-layers {join(self.decoder_layers)}: a value is given twice")
         if not self.pools:
             raise ValueError("--pool: give at least one pooling setting, e.g. --pool none,attention:14")
-        self.pools = tuple(_pool(p, self.modality) for p in self.pools)
+        self.pools = tuple(self._pool(p) for p in self.pools)
         if len(set(self.pools)) != len(self.pools):
-            raise ValueError(f"--pool {_join(self.pools)}: a setting is given twice")
+            raise ValueError(f"--pool {join(self.pools)}: a setting is given twice")
+        if len({qualified_pool(p) for p in self.pools}) > 1:
+            raise ValueError(f"--pool {join(self.pools)}: give every setting as TYPE[:LENGTH] (every vector "
+                             f"modality alike) or every one as MODALITY:TYPE[:LENGTH], not both")
         if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
             raise ValueError(f"--repeats {self.repeats}: must be at least 1")
 
     @classmethod
     def resolve(cls, grid: str = "", **values) -> "SweepConfig":
-        """A named grid's values, then the given ones (``None`` = not given; ``train`` merges)."""
+        """A named grid's values, then the given ones (``None`` = not given; ``train`` merges; a given
+        ``fuse_grid`` replaces the named grid's ``fuse_layers``)."""
         merged = {}
         if grid:
             if grid not in GRIDS:
@@ -102,131 +150,114 @@ class SweepConfig:
             merged.update({k: v for k, v in GRIDS[grid].items() if k != "train"})
             merged["train"] = dict(GRIDS[grid].get("train", {}))
         train = {**merged.pop("train", {}), **{k: v for k, v in values.pop("train", {}).items() if v is not None}}
-        merged.update({k: v for k, v in values.items() if v is not None})
+        given = {k: v for k, v in values.items() if v is not None}
+        if given.get("fuse_grid"):
+            merged.pop("fuse_layers", None)
+        merged.update(given)
         return cls(train=train, **merged)
 
+    # ---- the grid's axes ----
+
+    def base_spec(self) -> FusionSpec | None:
+        """The fixed part of the spec (``--fuse``); None when it is empty."""
+        return FusionSpec.coerce(self.fuse) if str(self.fuse).strip() else None
+
+    def grid(self) -> dict:
+        """Swept modality -> its join layers."""
+        return {self.modality or "image": self.fuse_layers} if self.fuse_layers else dict(self.fuse_grid)
+
+    def grid_flag(self, modality: str, layers) -> str:
+        """The flag that swept ``modality``, for messages: ``--fuse-grid image=5`` (or ``--fuse-layers 5``)."""
+        return f"--fuse-layers {join(layers)}" if self.fuse_layers else f"--fuse-grid {modality}={join(layers)}"
+
+    def vectors(self) -> list:
+        """The sweep's vector modalities (those with a cache), fixed ones first, in join order."""
+        base = self.base_spec()
+        names = list(base.modalities() if base else ()) + list(self.grid())
+        return [m for m in names if m in self.caches]
+
+    def _pool(self, text) -> str:
+        text = str(text)
+        if not qualified_pool(text) or not (text.partition(":")[0] in self.vectors() or text.count(":") == 2):
+            try:
+                return str(PoolSpec.from_value(text, "?"))
+            except FusionConfigError as e:
+                raise ValueError(str(e).replace("--pool ?:", "--pool ", 1)) from None
+        name, _, rest = text.partition(":")
+        if name not in self.vectors():
+            raise ValueError(f"--pool {text}: '{name}' is not a vector modality of the sweep "
+                             f"({', '.join(self.vectors())})")
+        return f"{name}:{PoolSpec.from_value(rest, name)}"  # its errors read "--pool NAME:REST: ..."
+
+    def pool_settings(self) -> list:
+        """Every pooling setting, as ``{vector modality: "TYPE[:LENGTH]"}``."""
+        vectors = self.vectors()
+        if not any(qualified_pool(p) for p in self.pools):
+            return [{m: p for m in vectors} for p in self.pools]
+        per = {}
+        for item in self.pools:
+            m, _, p = item.partition(":")
+            per.setdefault(m, []).append(p)
+        return [dict(zip(vectors, combo)) for combo in product(*(per.get(m, ["none"]) for m in vectors))]
+
+    def fusion(self, point: GridPoint) -> str:
+        """The fusion spec of a run (``--fuse``): the fixed part less the ablated modality, then each
+        swept modality at its layer (``0:question 3:image``); "" when nothing is left."""
+        parts = []
+        base = self.base_spec()
+        kept = spec_without(base, point.ablated) if base is not None else None
+        if kept is not None:
+            parts.append(str(kept))
+        parts += [f"{layer}:{m}" for m, layer in point.layers if layer is not None]
+        return " ".join(parts)
+
+    def points(self, decoder_default: int) -> list:
+        """Every grid point, repeats innermost (all of a point's repeats finish together); with
+        ``ablate``, then every point's ablations (each once: points that differ only in the removed
+        modality's layer or pooling share them)."""
+        return self._points(decoder_default)[0]
+
+    def skipped_ablations(self, decoder_default: int = 1) -> list:
+        """What ``ablate`` leaves out: one line per spec that removing a modality would leave empty."""
+        return self._points(decoder_default)[1]
+
+    def _points(self, decoder_default: int) -> tuple:
+        grid = self.grid()
+        full = [GridPoint(tuple(zip(grid, layers)), d, tuple(pools.items()), r)
+                for layers in product(*grid.values()) for d in (self.decoder_layers or (decoder_default,))
+                for pools in self.pool_settings() for r in range(self.repeats)]
+        if not self.ablate:
+            return full, []
+        ablations, skipped = [], []
+        for point in full:
+            for m in self.vectors():
+                without = GridPoint(tuple((n, None if n == m else layer) for n, layer in point.layers),
+                                    point.decoder_layers, tuple((n, p) for n, p in point.pools if n != m),
+                                    point.repeat, ablated=m)
+                if not self.fusion(without):
+                    note = f"--ablate: {self.fusion(point)} without {m} fuses nothing; not trained"
+                    if note not in skipped:
+                        skipped.append(note)
+                elif without not in ablations:
+                    ablations.append(without)
+        return full + ablations, skipped
+
+    # ---- the runs ----
+
     def base_train(self) -> TrainConfig:
-        """The TrainConfig every run starts from (preset, file and flags merged; not yet a grid point)."""
+        """The TrainConfig every run starts from (preset, file and flags merged; every modality of the
+        sweep fused, so a preset's positions and cache expectations apply to each; not yet a grid point)."""
         flags = dict(self.train)
         preset, file = flags.pop("preset", "") or "", flags.pop("file", None)
         data = str(Path(self.shards).resolve()) if self.shards else str(Path(self.out).resolve() / "qa")
         caches = {k: str(Path(v).resolve()) for k, v in self.caches.items()}
-        return TrainConfig.resolve(preset, file, **flags, shards=data, caches=caches,
-                                   fuse=f"0:{TEXT} 0:{self.modality}")
-
-    def points(self, decoder_default: int) -> list:
-        """Every grid point, repeats innermost (all of a point's repeats finish together)."""
-        return [GridPoint(L, d, p, r) for L in self.fuse_layers for d in (self.decoder_layers or (decoder_default,))
-                for p in self.pools for r in range(self.repeats)]
+        first = GridPoint(tuple((m, layers[0]) for m, layers in self.grid().items()), 1, (), 0)
+        return TrainConfig.resolve(preset, file, **flags, shards=data, caches=caches, fuse=self.fusion(first))
 
     def run_config(self, base: TrainConfig, point: GridPoint) -> TrainConfig:
-        pool = "" if point.pool == "none" else f"{self.modality}:{point.pool}"
-        return dataclasses.replace(base, fuse=f"0:{TEXT} {point.fuse_layer}:{self.modality}", pool=pool,
-                                   decoder_layers=point.decoder_layers, seed=base.seed + point.repeat,
-                                   out=str(Path(self.out).resolve() / RUNS / point.name))
-
-
-def _join(values) -> str:
-    return ",".join(str(v) for v in values)
-
-
-def _pool(text, modality: str) -> str:
-    try:
-        return str(PoolSpec.from_value(str(text), modality))
-    except FusionConfigError as e:
-        raise ValueError(str(e).replace(f"--pool {modality}:", "--pool ", 1)) from None
-
-
-# ---- checks before any training ---------------------------------------------------------------------
-
-def t5_depths(t5: str) -> tuple:
-    """``(encoder layers, decoder layers)`` of a T5 preset, hub name or local directory."""
-    if t5 in T5_PRESETS:
-        arch = T5_PRESETS[t5]
-        return arch["num_layers"], arch.get("num_decoder_layers", arch["num_layers"])
-    try:
-        from transformers import AutoConfig
-
-        arch = AutoConfig.from_pretrained(t5)
-    except (OSError, ValueError) as e:
-        raise SweepError(f"--t5 {t5}: cannot read its config to check the grid ({str(e).splitlines()[0]})") from None
-    return arch.num_layers, arch.num_decoder_layers
-
-
-def cache_shape(base: TrainConfig, modality: str) -> tuple:
-    """The swept modality's value shape ``(tokens, dim)``, from the cache's metadata."""
-    from store import CacheReader
-
-    with CacheReader(base.caches[modality], expect=base.expect.get(modality)) as reader:
-        return tuple(reader.meta.shape)
-
-
-def check_grid(cfg: SweepConfig, base: TrainConfig) -> list:
-    """Every grid point checked against the model and the cache; returns the points.
-
-    Raises:
-        GridError: a fusion layer, decoder depth or pooling the model or cache cannot have; the
-            message names the sweep's flag.
-    """
-    encoder, decoder = t5_depths(base.t5)
-    late = [L for L in cfg.fuse_layers if L > encoder]
-    if late:
-        raise GridError(f"--fuse-layers {_join(late)}: the encoder of --t5 {base.t5} has {encoder} layers, so a "
-                        f"fusion layer is in 0..{encoder} (0 = early, {encoder} = late fusion)")
-    if base.t5 not in T5_PRESETS:  # a pretrained decoder can only be cut, not grown
-        deep = [d for d in cfg.decoder_layers if d > decoder]
-        if deep:
-            raise GridError(f"--decoder-layers {_join(deep)}: --t5 {base.t5} has {decoder} decoder layers; "
-                            f"a pretrained decoder keeps at most that many")
-    tokens = cache_shape(base, cfg.modality)[0]
-    long = [p for p in cfg.pools if p != "none" and PoolSpec.from_value(p).length > tokens]
-    if long:
-        raise GridError(f"--pool {_join(long)}: the {cfg.modality} cache holds {tokens} tokens per item; "
-                        f"pooling keeps at most that many")
-    points = cfg.points(decoder if base.decoder_layers is None else base.decoder_layers)
-    for point in points:
-        cfg.run_config(base, point)  # each run's TrainConfig validates
-    return points
-
-
-def check_settings(runs_root: Path, base: TrainConfig) -> None:
-    """A runs directory holds one experiment: every finished run must share the settings of this
-    sweep (all but the grid's own fusion layer, pooling, decoder depth and seed).
-
-    Raises:
-        SweepError: naming the first run and the settings that differ.
-    """
-    want = _settings(base.to_dict())
-    for run_dir in sorted(runs_root.glob("*/")):
-        try:
-            results = json.loads((run_dir / RESULTS).read_text())
-            if results.get("stopped"):
-                continue  # --stop-at: not finished
-            have = _settings(results["config"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue  # not finished or broken: it will be redone
-        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-        if diff:
-            detail = "; ".join(f"{k}: {have.get(k)!r} there, {want.get(k)!r} now" for k in diff[:4])
-            raise SweepError(f"{run_dir} finished with other settings ({detail}): sweep into another --out, "
-                             f"or delete that run to redo it")
-
-
-def _settings(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in _NOT_SETTINGS + ("fuse", "pool", "decoder_layers", "seed")}
-
-
-def resumable(run_dir: Path, run: TrainConfig) -> bool:
-    """Whether a broken run can go on from its last checkpoint: there is one, short of the last step,
-    and the run was started (``config.json``) with the very settings of ``run``."""
-    try:
-        step = json.loads((run_dir / "checkpoints" / "last" / "trainer_state.json").read_text())["step"]
-        started = json.loads((run_dir / "config.json").read_text())
-        same = {k: v for k, v in started.items() if k not in _NOT_SETTINGS} == \
-            {k: v for k, v in json.loads(json.dumps(run.to_dict())).items() if k not in _NOT_SETTINGS}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-    return same and isinstance(step, int) and step < run.steps
+        pool = " ".join(f"{m}:{p}" for m, p in point.pools if p != "none")
+        return dataclasses.replace(base, fuse=self.fusion(point), pool=pool, decoder_layers=point.decoder_layers,
+                                   seed=base.seed + point.repeat, out=str(Path(self.out).resolve() / RUNS / point.name))
 
 
 # ---- the sweep --------------------------------------------------------------------------------------

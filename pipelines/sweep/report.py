@@ -7,10 +7,12 @@ Every run directory under ``RUNS_DIR/runs/`` is read and classified:
 - *broken*: no ``results.json`` (killed, or still running), one that cannot be read, or one marked
   ``stopped`` (``--stop-at``).
 
-Finished runs are grouped by grid point (fusion layer, decoder layers, pooling) — read from each
+Finished runs are grouped by grid point (fusion spec, decoder layers, pooling) — read from each
 run's saved config, not from its folder name — and averaged over repeats (mean and sample standard
-deviation). Broken and failed runs are listed, never averaged in. The summary goes to
-``summary.json`` / ``summary.csv`` / ``summary.md`` and the figures to ``figures/``
+deviation). A vector modality is one with a cache in the run's config; a run that goes without one
+of the vector modalities the other runs fuse is an ablation (``--ablate``), set beside its full grid
+point in the ablation rows. Broken and failed runs are listed, never averaged in. The summary goes
+to ``summary.json`` / ``summary.csv`` / ``summary.md`` and the figures to ``figures/``
 (:mod:`pipelines.sweep.figures`). Accuracies in the summary are percentages (the thesis' unit).
 """
 
@@ -28,13 +30,23 @@ from fuse import T5_PRESETS, FusionConfigError, FusionSpec, coerce_pools
 
 from ..errors import SweepError
 from ..files import write_atomic
-from ..train.config import TEXT
-from .grid import FAILED, FIGURES, RESULTS, RUNS, point_key
+from .grid import (
+    FAILED,
+    FIGURES,
+    RESULTS,
+    RUNS,
+    pool_label,
+    pool_sort_key,
+    spec_without,
+    swept_modalities,
+)
+from .tables import summary_markdown
 
 log = logging.getLogger(__name__)
 
-# Columns of summary.csv, in order (also the keys of summary.json's "points").
-COLUMNS = ("fuse_layer", "decoder_layers", "pool", "pool_type", "pool_length", "repeats",
+# Columns of summary.csv, in order (also keys of summary.json's "points", which add "layers" and
+# "pools"); with several swept modalities, a "layer_<modality>" column each follows "fuse".
+COLUMNS = ("fuse", "fuse_layer", "ablated", "decoder_layers", "pool", "pool_type", "pool_length", "repeats",
            "best_accuracy_pct", "best_accuracy_pct_std", "last_accuracy_pct", "last_accuracy_pct_std",
            "steps_per_s", "steps_per_s_std", "samples_per_s", "params", "flops_per_step", "pareto", "runs")
 
@@ -48,7 +60,7 @@ class RunRecord:
     """What the summary needs of one finished run (accuracies as fractions)."""
 
     name: str
-    fuse_layer: int
+    fuse_layer: int | None  # the first vector modality's layer (None: the run fuses none)
     decoder_layers: int | None
     pool: str
     seed: int
@@ -62,18 +74,27 @@ class RunRecord:
     flops_per_step: float
     history: list = field(default_factory=list)  # [(step, accuracy)]
     encoder_layers: int | None = None  # the encoder's depth (late fusion), when known
-    tokens: int | None = None  # the swept modality's tokens before pooling, when known
+    tokens: int | None = None  # the first vector modality's tokens before pooling, when known
+    fuse: str = ""  # the fusion spec, canonical (``0:question,image 4:audio``)
+    layers: dict = field(default_factory=dict)  # every fused modality -> its join layer
+    pools: dict = field(default_factory=dict)  # every fused vector modality -> "TYPE[:LENGTH]"
+    ablated: str = ""  # the sweep's vector modalities this run goes without (:func:`mark_ablations`)
 
     def key(self) -> tuple:
-        return (self.fuse_layer, self.decoder_layers, self.pool)
+        return (self.fuse or self.fuse_layer, self.decoder_layers, self.pool)
 
 
-def swept_modality(config: dict) -> str:
-    """The vector modality whose join layer the sweep varies: the first fused one that is not text."""
-    names = [n for n in FusionSpec.coerce(config["fuse"]).modalities() if n != TEXT]
-    if not names:
-        raise BrokenRun(f"config fuse {config['fuse']!r} fuses no vector modality")
-    return names[0]
+def vector_modalities(config: dict, spec: FusionSpec) -> list:
+    """The fused modalities with a cache in the run's config, in join order."""
+    caches = config.get("caches") or {}
+    return [n for n in spec.modalities() if n in caches]
+
+
+def mark_ablations(records: list) -> None:
+    """Set each record's ``ablated``: the vector modalities that other runs fuse and it does not."""
+    vectors = list(dict.fromkeys(m for r in records for m in r.pools))
+    for r in records:
+        r.ablated = ",".join(m for m in vectors if m not in r.pools)
 
 
 def _number(value, what: str, positive: bool = False) -> float:
@@ -114,18 +135,21 @@ def read_run(run_dir: Path) -> RunRecord:
     if not isinstance(config, dict) or "fuse" not in config:
         raise BrokenRun(f"{RESULTS} has no saved config")
     try:
-        modality = swept_modality(config)
-        layer = FusionSpec.coerce(config["fuse"]).layer_of(modality)
-        pool = str(coerce_pools(config.get("pool") or None).get(modality, "none"))
-    except (FusionConfigError, KeyError, TypeError) as e:
+        spec = FusionSpec.coerce(config["fuse"])
+        vectors = vector_modalities(config, spec)
+        pooling = coerce_pools(config.get("pool") or None)
+        pools = {m: str(pooling.get(m, "none")) for m in vectors}
+    except (FusionConfigError, KeyError, TypeError, AttributeError) as e:
         raise BrokenRun(f"{RESULTS}: config is not a fusion config ({e})") from None
+    modality = vectors[0] if vectors else None
     best, last = _eval_entry(results, "best"), _eval_entry(results, "last")
     history = results.get("history")
     if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
         raise BrokenRun(f"{RESULTS}: 'history' is not a list of evaluations")
     encoder_layers, tokens = _architecture(Path(run_dir), config, modality)
     return RunRecord(
-        name=Path(run_dir).name, fuse_layer=layer, decoder_layers=config.get("decoder_layers"), pool=pool,
+        name=Path(run_dir).name, fuse_layer=spec.layer_of(modality) if modality else None,
+        decoder_layers=config.get("decoder_layers"), pool=pool_label(pools),
         seed=config.get("seed", 0), best_accuracy=best["accuracy"], best_step=best["step"],
         last_accuracy=last["accuracy"], last_step=last["step"],
         steps_per_s=_number(results.get("steps_per_s"), "steps_per_s", positive=True),
@@ -133,11 +157,12 @@ def read_run(run_dir: Path) -> RunRecord:
         params=int(_number(results.get("params"), "params", positive=True)),
         flops_per_step=_number(results.get("flops_per_step"), "flops_per_step", positive=True),
         history=[(h["step"], _number(h.get("accuracy"), "history accuracy")) for h in history],
-        encoder_layers=encoder_layers, tokens=tokens,
+        encoder_layers=encoder_layers, tokens=tokens, fuse=str(spec),
+        layers={m: spec.layer_of(m) for m in spec.modalities()}, pools=pools,
     )
 
 
-def _architecture(run_dir: Path, config: dict, modality: str) -> tuple:
+def _architecture(run_dir: Path, config: dict, modality: str | None) -> tuple:
     """``(encoder layers, tokens of the modality)`` from the run's saved model config (for the
     figures' axes only: None where it cannot be read)."""
     try:
@@ -217,21 +242,30 @@ def pareto_front(points: list) -> set:
     return front
 
 
+def _n(x) -> int:
+    return -1 if x is None else x
+
+
 def summarise(records: list) -> list:
-    """One row (a dict of :data:`COLUMNS`) per grid point, sorted by fusion layer, decoder, pool."""
+    """One row (a dict of :data:`COLUMNS`, ``layers`` and ``pools``) per grid point, sorted: the sweep's
+    own points by the swept modalities' layers, fusion layer, decoder, pool; then the ablations."""
+    mark_ablations(records)
     groups = {}
     for r in records:
         groups.setdefault(r.key(), []).append(r)
     rows = []
-    for key in sorted(groups, key=point_key):
-        runs = sorted(groups[key], key=lambda r: (r.seed, r.name))
+    for key, group in groups.items():
+        runs = sorted(group, key=lambda r: (r.seed, r.name))
         best, best_std = _mean_std([100 * r.best_accuracy for r in runs])
         last, last_std = _mean_std([100 * r.last_accuracy for r in runs])
         speed, speed_std = _mean_std([r.steps_per_s for r in runs])
-        kind, _, length = key[2].partition(":")
+        first, pool = runs[0], key[2]
+        kind, _, length = pool.partition(":")
+        alike = " " not in pool  # one pooling for every vector modality
         rows.append({
-            "fuse_layer": key[0], "decoder_layers": key[1], "pool": key[2], "pool_type": kind,
-            "pool_length": int(length) if length else None, "repeats": len(runs),
+            "fuse": first.fuse, "fuse_layer": first.fuse_layer, "ablated": first.ablated,
+            "decoder_layers": key[1], "pool": pool, "pool_type": kind if alike else "per-modality",
+            "pool_length": int(length) if alike and length else None, "repeats": len(runs),
             "best_accuracy_pct": _r(best), "best_accuracy_pct_std": _r(best_std),
             "last_accuracy_pct": _r(last), "last_accuracy_pct_std": _r(last_std),
             "steps_per_s": _r(speed), "steps_per_s_std": _r(speed_std),
@@ -239,55 +273,58 @@ def summarise(records: list) -> list:
             "params": round(statistics.fmean(r.params for r in runs)),
             "flops_per_step": round(statistics.fmean(r.flops_per_step for r in runs)),
             "pareto": False, "runs": " ".join(r.name for r in runs),
+            "layers": dict(first.layers), "pools": dict(first.pools),
         })
-    for i in pareto_front([(row["flops_per_step"], row["best_accuracy_pct"]) for row in rows]):
-        rows[i]["pareto"] = True
+    swept = swept_modalities(rows)
+    if swept:  # the fusion layer the figures plot: the (first) swept modality's
+        for row in rows:
+            row["fuse_layer"] = row["layers"].get(swept[0])
+    rows.sort(key=lambda row: (row["ablated"] != "", row["ablated"], tuple(_n(row["layers"].get(m)) for m in swept),
+                               _n(row["fuse_layer"]), row["fuse"], _n(row["decoder_layers"]),
+                               pool_sort_key(row["pool"])))
+    own = [i for i, row in enumerate(rows) if not row["ablated"]]  # an ablation is no answer to "where"
+    for i in pareto_front([(rows[i]["flops_per_step"], rows[i]["best_accuracy_pct"]) for i in own]):
+        rows[own[i]]["pareto"] = True
     return rows
+
+
+def ablation_rows(rows: list) -> list:
+    """For each grid point trained also without some of its vector modalities (``--ablate``): one row per
+    modality removed, the accuracy without it beside the point's own (``drop``: how much it costs)."""
+    ablated = {(r["fuse"], r["decoder_layers"], r["pool"]): r for r in rows if r["ablated"]}
+    vectors = list(dict.fromkeys(m for r in rows for m in r["pools"]))  # one order for every point
+    out = []
+    for full in (r for r in rows if not r["ablated"]):
+        for m in (v for v in vectors if v in full["pools"]):
+            kept = spec_without(FusionSpec.coerce(full["fuse"]), m)
+            pool = pool_label({k: v for k, v in full["pools"].items() if k != m})
+            a = ablated.get((str(kept), full["decoder_layers"], pool)) if kept else None
+            if a is None:
+                continue
+            out.append({
+                "fuse": full["fuse"], "decoder_layers": full["decoder_layers"], "pool": full["pool"],
+                "removed": m, "fuse_without": a["fuse"], "repeats": a["repeats"],
+                **{f"{w}_accuracy_pct{s}": a[f"{w}_accuracy_pct{s}"] for w in ("best", "last") for s in ("", "_std")},
+                **{f"full_{w}_accuracy_pct{s}": full[f"{w}_accuracy_pct{s}"] for w in ("best", "last")
+                   for s in ("", "_std")},
+                "best_drop_pct": _r(full["best_accuracy_pct"] - a["best_accuracy_pct"]),
+                "runs": a["runs"], "full_runs": full["runs"],
+            })
+    return out
 
 
 # ---- the files ------------------------------------------------------------------------------------
 
-def _pm(mean, std, digits: int = 1) -> str:
-    return f"{mean:.{digits}f}" + ("" if std is None else f" ± {std:.{digits}f}")
-
-
-def markdown_table(rows: list) -> str:
-    head = ("| fusion layer | decoder layers | pooling | repeats | best acc. (%) | last acc. (%) | steps/s "
-            "| samples/s | params | GFLOP/step | Pareto |")
-    lines = [head, "|" + "---:|" * 4 + "---:|" * 6 + ":---:|"]
-    for r in rows:
-        lines.append(
-            f"| {r['fuse_layer']} | {'default' if r['decoder_layers'] is None else r['decoder_layers']} | {r['pool']} "
-            f"| {r['repeats']} | {_pm(r['best_accuracy_pct'], r['best_accuracy_pct_std'])} "
-            f"| {_pm(r['last_accuracy_pct'], r['last_accuracy_pct_std'])} "
-            f"| {_pm(r['steps_per_s'], r['steps_per_s_std'], 2)} | {r['samples_per_s']:.0f} | {r['params']:,} "
-            f"| {r['flops_per_step'] / 1e9:.3g} | {'★' if r['pareto'] else ''} |")
-    return "\n".join(lines)
-
-
-def _markdown(summary: dict) -> str:
-    out = [f"# Sweep summary: {summary['runs_dir']}", "",
-           f"{summary['finished']} finished run(s) in {len(summary['points'])} grid point(s); "
-           f"{len(summary['failed'])} failed; {len(summary['broken'])} broken.", "",
-           "Accuracy: the VQA accuracy on the eval side, best during training and at the last step, "
-           "mean ± sample standard deviation over repeats. Steps/s: training steps per second (eval "
-           "excluded). GFLOP/step: analytical count of one training step. ★: on the Pareto front of best "
-           "accuracy against FLOPs per step.", "", markdown_table(summary["points"]), ""]
-    for what in ("failed", "broken"):
-        if summary[what]:
-            out += [f"## {what.capitalize()} runs (not in the table)", ""]
-            out += [f"- `{b['run']}`: {b['reason']}" for b in summary[what]] + [""]
-    if summary["figures"]:
-        out += ["## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in summary["figures"]] + [""]
-    return "\n".join(out)
-
-
 def _csv(rows: list) -> str:
+    swept = swept_modalities(rows)
+    layers = [f"layer_{m}" for m in swept] if len(swept) > 1 else []
+    columns = COLUMNS[:1] + tuple(layers) + COLUMNS[1:]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if row[k] is None else row[k] for k in COLUMNS})
+        values = {**row, **{f"layer_{m}": row["layers"].get(m) for m in swept}}
+        writer.writerow({k: "" if values[k] is None else values[k] for k in columns})
     return buf.getvalue()
 
 
@@ -301,8 +338,9 @@ def report(runs_dir, figures: bool = True) -> dict:
     """Rebuild ``summary.{json,csv,md}`` and ``figures/`` of ``runs_dir`` from its run directories.
 
     Returns:
-        The summary (also ``summary.json``): ``points`` (the rows), ``runs`` (one entry per finished
-        run), ``failed`` and ``broken`` (``{run, reason}``), ``figures`` (paths relative to runs_dir).
+        The summary (also ``summary.json``): ``points`` (the rows), ``swept`` (the modalities whose
+        layer varies), ``ablation`` (:func:`ablation_rows`), ``runs`` (one entry per finished run),
+        ``failed`` and ``broken`` (``{run, reason}``), ``figures`` (paths relative to runs_dir).
 
     Raises:
         SweepError: ``runs_dir`` holds no ``runs/`` folder.
@@ -314,6 +352,7 @@ def report(runs_dir, figures: bool = True) -> dict:
     for f in failed:
         log.warning("failed run %s: %s (left out of the summary)", f["run"], f["reason"])
     rows = summarise(records)
+    ablation = ablation_rows(rows)
     written = []
     if figures:
         from .figures import make_figures
@@ -321,15 +360,16 @@ def report(runs_dir, figures: bool = True) -> dict:
         fig_dir = runs_dir / FIGURES
         shutil.rmtree(fig_dir, ignore_errors=True)  # a figure no longer drawn must not linger
         drawn = make_figures(rows, records, fig_dir, encoder_layers=_common(r.encoder_layers for r in records),
-                             full_length=_common(r.tokens for r in records))
+                             full_length=_common(r.tokens for r in records), ablation=ablation)
         written = [str(Path(FIGURES) / p.name) for p in drawn]
     runs = [{k: v for k, v in asdict(r).items() if k not in ("history", "encoder_layers", "tokens")}
             for r in sorted(records, key=lambda r: r.name)]
-    summary = {"runs_dir": str(runs_dir), "finished": len(records), "points": rows, "runs": runs,
+    summary = {"runs_dir": str(runs_dir), "finished": len(records), "points": rows,
+               "swept": swept_modalities(rows), "ablation": ablation, "runs": runs,
                "failed": failed, "broken": broken, "figures": written}
     write_atomic(runs_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_atomic(runs_dir / "summary.csv", _csv(rows))
-    write_atomic(runs_dir / "summary.md", _markdown(summary))
+    write_atomic(runs_dir / "summary.md", summary_markdown(summary))
     log.info("summary of %d finished run(s) in %d grid point(s): %s", len(records), len(rows),
              runs_dir / "summary.md")
     return summary

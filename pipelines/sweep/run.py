@@ -15,28 +15,42 @@ import logging
 import shutil
 from pathlib import Path
 
-from ..errors import TrainingDiverged
+from ..errors import SweepError, TrainingDiverged
+from .checks import resumable
 from .grid import FAILED, RUNS
-from .plan import SweepConfig, plan, resumable
+from .plan import SweepConfig, plan
 from .report import report
 
 log = logging.getLogger(__name__)
 
 
 def prepare_shards(cfg: SweepConfig) -> None:
-    """``--vqa``: write ``out/qa`` from the VQA folder unless a finished one is there."""
+    """``--vqa``: write ``out/qa`` from the VQA folder (split by ``cfg.split_by``) unless a finished one
+    is there.
+
+    Raises:
+        SweepError: the one there was split otherwise.
+    """
     from ..data.shards import MANIFEST, write_qa_shards
 
     qa = Path(cfg.out) / "qa"
+    split_by = cfg.split_by or "image"
     if (qa / MANIFEST).is_file():
-        log.info("shards: reusing %s", qa)
+        try:
+            written = json.loads((qa / MANIFEST).read_text()).get("split_by", "image")
+        except (OSError, ValueError, AttributeError) as e:
+            raise SweepError(f"{qa / MANIFEST}: unreadable ({e}); delete {qa} to write it again") from None
+        if written != split_by:
+            raise SweepError(f"--split-by {split_by}: {qa} was split by {written}; sweep into another --out, "
+                             f"or delete {qa} (and the runs trained on it) to split it again")
+        log.info("shards: reusing %s (split by %s)", qa, split_by)
         return
     if qa.exists():
         log.warning("shards: %s is incomplete (no %s): writing it again", qa, MANIFEST)
         shutil.rmtree(qa)
-    manifest = write_qa_shards(cfg.vqa, qa)
-    log.info("shards: %d train / %d eval questions from %s -> %s", manifest["train"]["count"],
-             manifest["eval"]["count"], cfg.vqa, qa)
+    manifest = write_qa_shards(cfg.vqa, qa, split_by=split_by)
+    log.info("shards: %d train / %d eval questions from %s -> %s (split by %s)", manifest["train"]["count"],
+             manifest["eval"]["count"], cfg.vqa, qa, split_by)
 
 
 def failure_reason(error: Exception) -> str:
@@ -101,6 +115,8 @@ def run_sweep(cfg: SweepConfig, train_fn=None, planned: tuple = None) -> dict:
     pending = [(p, s, r) for p, s, r in todo if s == "todo" or s == "broken" or (s == "failed" and cfg.retry_failed)]
     log.info("sweep: %d run(s) in the grid, %d to run, %d finished, %d failed before", len(todo), len(pending),
              sum(s == "finished" for _, s, _ in todo), sum(s == "failed" for _, s, _ in todo))
+    for note in cfg.skipped_ablations():
+        log.warning("%s", note)
     for point, status, reason in todo:
         if status == "finished" or (status == "failed" and not cfg.retry_failed):
             log.info("skip %s: %s", point.name, "finished" if status == "finished" else f"failed before ({reason}); "
