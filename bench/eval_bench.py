@@ -89,13 +89,15 @@ def prepare(work: Path, images: int, train_steps: int) -> Path:
 @torch.inference_mode()
 def evaluate_before(model, loader, tokenizer, modalities, max_new_tokens, limit) -> dict:
     """The evaluation of commit 2701a67 (one process, no accelerate): generate per batch, stop after
-    the batch that reaches ``limit``."""
+    the batch that reaches ``limit`` (read from the example contract's batch: references, groups)."""
     model.eval()
     score_ = VQAScore()
     for batch in loader:
         ids = model.generate(modalities=model_inputs(batch, modalities, "cpu"), max_new_tokens=max_new_tokens,
                              num_beams=1, do_sample=False)
-        score_.add_batch(decode_batch(tokenizer, ids), batch["answers"], batch["answer_type"], batch["question_type"])
+        score_.add_batch(decode_batch(tokenizer, ids), batch["references"],
+                         [g.get("answer_type") or "all" for g in batch["groups"]],
+                         [g.get("question_type", "") for g in batch["groups"]])
         if limit and len(score_) >= limit:
             break
     return score_.summary()
@@ -142,7 +144,7 @@ def main(argv=None) -> None:
         for _ in range(args.steps):
             batch = next(stream)[2]
             train_step(train_cfg, accelerator, train_model, optimizer, schedule, batch, state, Path("-"))
-            samples += len(batch["answers"])
+            samples += len(batch["id"])
         return samples / (time.perf_counter() - t0), None
 
     cpu = Accelerator(cpu=True)

@@ -47,6 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pipelines.data.shapes import make_image  # noqa: E402
 from pipelines.data.shards import write_shards  # noqa: E402
 from pipelines.data.stream import StreamConfig, train_loader  # noqa: E402
+from pipelines.data.vqa import QARecord  # noqa: E402
 from pipelines.data.batch import AttachVectors  # noqa: E402
 from store import CacheReader, CacheWriter  # noqa: E402
 
@@ -62,7 +63,8 @@ def build(tmp, images, questions):
             _, image_id, qas = make_image(0, index, questions)
             w.put(str(image_id), rng.standard_normal(SHAPE, dtype=np.float32))
             for qa in qas:
-                records.append({**qa, "image_id": str(image_id), "split": "train"})
+                record = QARecord.from_dict({**qa, "image_id": str(image_id), "split": "train"})
+                records.append(record.to_example())  # question text, image vector, 10 references
     shards = write_shards(records, os.path.join(tmp, "qa", "train-%06d.tar"), min_shards=8)
     return shards, len(records)
 
@@ -80,7 +82,7 @@ class WorkerClock:
             if cpu is None:
                 cpu = time.process_time()
             else:
-                records += len(batch["image_id"])
+                records += len(batch["id"])
             yield batch
         with open(os.path.join(self.folder, f"worker-{os.getpid()}.json"), "w") as f:
             json.dump({"cpu": time.process_time() - cpu if cpu is not None else 0.0, "records": records}, f)
@@ -113,8 +115,8 @@ def run_stream(loader):
     ids, t0, t1, first = [], time.perf_counter(), None, 0
     for batch in loader:
         if t1 is None:
-            t1, first, c1 = time.perf_counter(), len(batch["image_id"]), time.process_time()
-        ids += batch["image_id"]
+            t1, first, c1 = time.perf_counter(), len(batch["id"]), time.process_time()
+        ids += batch["ids"]["image"]
     t2, c2 = time.perf_counter(), time.process_time()
     return ids, t2 - t0, t2 - t1, len(ids) - first, c2 - c1
 

@@ -29,8 +29,13 @@ from test_data_vqa import write_vqa
 
 
 def records(n):
-    return [{"question_id": i, "image_id": str(i // 5), "question": f"q{i}?", "answers": ["yes"] * 10,
-             "answer_type": "yes/no"} for i in range(n)]
+    """Example dicts (:mod:`pipelines.data.example`), 5 per image."""
+    return [{"id": i, "texts": {"question": f"q{i}?"}, "vectors": {"image": str(i // 5)}, "target": "yes",
+             "references": ["yes"] * 10, "groups": {"answer_type": "yes/no"}, "split": "train"} for i in range(n)]
+
+
+def on_image(record, image_id):
+    return {**record, "vectors": {"image": str(image_id)}}
 
 
 class Poison:
@@ -46,10 +51,11 @@ def test_shards_hold_one_json_list_per_image(tmp_path):
     with tarfile.open(paths[0]) as t:
         assert t.getnames() == ["000000000.json", "000000001.json"]  # images 0 and 1, 5 questions each
         group = json.loads(t.extractfile("000000001.json").read())
-        assert [r["question_id"] for r in group] == [5, 6, 7, 8, 9] and group[0]["question"] == "q5?"
-    assert [r["question_id"] for r in read_records(paths)] == list(range(25))
+        assert [r["id"] for r in group] == [5, 6, 7, 8, 9] and group[0]["texts"]["question"] == "q5?"
+        assert group[0] == records(6)[5]  # the example dict as given, as JSON
+    assert [r["id"] for r in read_records(paths)] == list(range(25))
     # at least min_shards shards when there are enough images, for nodes x workers
-    one_each = [{**r, "image_id": str(r["question_id"])} for r in records(16)]
+    one_each = [on_image(r, r["id"]) for r in records(16)]
     assert len(write_shards(one_each, tmp_path / "m-%06d.tar", shard_size=1000, min_shards=8)) == 8
     # ... but an image's questions stay whole for it: images 0, 1, 2 (5 questions each) and 3 (1)
     paths = write_shards(records(16), tmp_path / "n-%06d.tar", shard_size=1000, min_shards=8)
@@ -59,7 +65,7 @@ def test_shards_hold_one_json_list_per_image(tmp_path):
 def test_a_small_side_is_filled_not_cut_into_min_shards(tmp_path):
     """A one-image train side (the issue: 14 questions) used to become 7 shards of 2 questions: min_shards
     cut the image's run of records. Only a full shard (shard_size) cuts an image now."""
-    one_image = [{**r, "image_id": "7"} for r in records(14)]
+    one_image = [on_image(r, 7) for r in records(14)]
     paths = write_shards(one_image, tmp_path / "s-%06d.tar", shard_size=1000, min_shards=8)
     assert len(paths) == 1 and len(read_records(paths)) == 14
     with tarfile.open(paths[0]) as t:
@@ -70,13 +76,13 @@ def test_a_small_side_is_filled_not_cut_into_min_shards(tmp_path):
 
 
 def test_an_image_is_cut_where_a_shard_is_full_and_scattered_records_still_stream(tmp_path):
-    recs = [{**r, "image_id": "7"} for r in records(12)]  # one image, 12 questions
-    recs += [{**r, "question_id": 100 + k, "image_id": "8" if k % 2 else "9"} for k, r in enumerate(records(4))]
+    recs = [on_image(r, 7) for r in records(12)]  # one image, 12 questions
+    recs += [{**on_image(r, 8 if k % 2 else 9), "id": 100 + k} for k, r in enumerate(records(4))]
     paths = write_shards(recs, tmp_path / "s-%06d.tar", shard_size=5)
     sizes = [[len(json.loads(t.extractfile(m).read())) for m in t.getmembers()]
              for t in map(tarfile.open, paths)]
     assert sizes == [[5], [5], [2, 1, 1, 1], [1]]  # at most 5 records a shard; ids 9, 8, 9, 8 alternate
-    assert [r["question_id"] for r in read_records(paths)] == [r["question_id"] for r in recs]
+    assert [r["id"] for r in read_records(paths)] == [r["id"] for r in recs]
 
 
 def test_an_exception_mid_write_leaves_only_whole_shards(tmp_path):
@@ -93,8 +99,8 @@ def test_a_killed_writer_leaves_only_whole_shards(tmp_path):
         "from pipelines.data.shards import write_shards\n"
         "class Kill:\n"
         "    def keys(self): os.kill(os.getpid(), signal.SIGKILL)\n"
-        "recs = [{'question_id': i, 'image_id': '1', 'question': 'q', 'answers': ['a'] * 10,\n"
-        "         'answer_type': 'other'} for i in range(15)] + [Kill()]\n"
+        "recs = [{'id': i, 'texts': {'question': 'q'}, 'vectors': {'image': '1'}, 'target': 'a',\n"
+        "         'references': ['a'] * 10, 'groups': {'answer_type': 'other'}} for i in range(15)] + [Kill()]\n"
         "write_shards(recs, sys.argv[2] + '/s-%06d.tar', shard_size=10)\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -117,6 +123,8 @@ def test_qa_shards_split_and_manifest(shapes_dir, tmp_path):
     assert m["train"]["images"] == 40 and m["eval"]["images"] == 10
     assert len(m["train"]["shards"]) == 8
     assert read_manifest(tmp_path / "qa") == m
+    # the fields the examples hold and the metric, for fuse-train to check --fuse against
+    assert (m["layout"], m["fields"], m["metric"]) == ("vqa-v2", {"texts": ["question"], "vectors": ["image"]}, "vqa")
     # the thesis' pooled 80/20 split stays the default: no select side, the checkpoint is picked on eval
     assert (m["eval_fraction"], m["select_fraction"], m["train_splits"], m["eval_splits"]) == (0.2, None, None, None)
     assert "select" not in m and selection_side(tmp_path / "qa") == "eval"
@@ -125,7 +133,7 @@ def test_qa_shards_split_and_manifest(shapes_dir, tmp_path):
         shard_paths(tmp_path / "qa", "select")
     train = read_records(shard_paths(tmp_path / "qa", "train"))
     evals = read_records(shard_paths(tmp_path / "qa", "eval"))
-    assert len(train) == 200 and not {r["image_id"] for r in train} & {r["image_id"] for r in evals}
+    assert len(train) == 200 and not {r["vectors"]["image"] for r in train} & {r["vectors"]["image"] for r in evals}
     with pytest.raises(DatasetExistsError, match="already holds shards"):
         write_qa_shards(shapes_dir, tmp_path / "qa")
     os.remove(tmp_path / "qa" / "eval-000001.tar")
@@ -134,7 +142,7 @@ def test_qa_shards_split_and_manifest(shapes_dir, tmp_path):
     with pytest.raises(PipelineError, match="vqa-data shards` did not finish"):
         shard_paths(tmp_path, "train")
     (tmp_path / "qa" / "manifest.json").write_text(json.dumps({**m, "version": 1}))
-    with pytest.raises(PipelineError, match=r"manifest.json: shards of format version 1, this version reads 2: "
+    with pytest.raises(PipelineError, match=r"manifest.json: shards of format version 1, this version reads 3: "
                                             "write them again with `vqa-data shards`"):
         shard_paths(tmp_path / "qa", "train")
 
@@ -157,12 +165,12 @@ def test_vqa_v2_protocol_train_on_train_select_on_a_slice_of_it_score_all_of_val
     m = write_qa_shards(vqa, tmp_path / "qa", train_splits=["train"], eval_splits=["val"], select_fraction=0.2,
                         images_root=coco, min_shards=2)
     sides = {side: read_records(shard_paths(tmp_path / "qa", side)) for side in ("train", "select", "eval")}
-    val = [r.to_dict() for r in read_split(vqa, "val", check_images=False)]
+    val = [r.to_example().to_dict() for r in read_split(vqa, "val", check_images=False)]
     assert sides["eval"] == val  # all of val, in its file order: no image of it left on the train side
-    train = [r.to_dict() for r in read_split(vqa, "train", check_images=False)]
-    assert sorted(sides["train"] + sides["select"], key=lambda r: r["question_id"]) == train
-    assert len({r["image_id"] for r in sides["select"]}) == 2  # 20% of the 10 train images
-    assert not {r["image_id"] for r in sides["select"]} & {r["image_id"] for r in sides["train"]}
+    train = [r.to_example().to_dict() for r in read_split(vqa, "train", check_images=False)]
+    assert sorted(sides["train"] + sides["select"], key=lambda r: r["id"]) == train
+    assert len({r["vectors"]["image"] for r in sides["select"]}) == 2  # 20% of the 10 train images
+    assert not {r["vectors"]["image"] for r in sides["select"]} & {r["vectors"]["image"] for r in sides["train"]}
     assert {k: m[k] for k in ("splits", "train_splits", "eval_splits", "eval_fraction", "select_fraction",
                               "images_root")} == {
         "splits": ["train", "val"], "train_splits": ["train"], "eval_splits": ["val"], "eval_fraction": None,
@@ -190,7 +198,7 @@ def test_cli_shapes_shards_check(tmp_path):
     r = run("shards", tmp_path / "shapes", tmp_path / "qa", "--split-by", "question", "--seed", 2)
     assert r.exit_code == 0, r.output
     assert r.output.startswith("train: 120 questions, ") and "eval: 30 questions" in r.output
-    ids = {rec["image_id"] for side in ("train", "eval")
+    ids = {rec["vectors"]["image"] for side in ("train", "eval")
            for rec in read_records(shard_paths(tmp_path / "qa", side))}
     with CacheWriter(tmp_path / "cache", shape=(4, 8)) as w:
         for i in sorted(ids)[:-2]:
@@ -222,7 +230,7 @@ def test_cli_bad_input_is_one_line_exit_1(tmp_path):
     assert r.output == (f"Error: {tmp_path / 'v2_OpenEnded_mscoco_train2014_questions.json'}: top level: "
                         "expected an object with a 'questions' list\n")
     r = run("check", tmp_path, "--cache", "image")
-    assert r.exit_code == 2 and "--cache image: expected MODALITY=PATH" in r.output
+    assert r.exit_code == 2 and "Error: --cache image: expected FIELD=PATH, e.g. --cache image=runs/cache\n" in r.output
     r = run("shapes", tmp_path / "s", "--images", 0)
     assert r.exit_code == 2
 

@@ -137,7 +137,8 @@ def test_a_damaged_key_is_reported_as_damage_not_as_a_missing_id(cache, tmp_path
     # (the page holding "123" may be the values' leaf or the checksums' one: either is damage)
     with pytest.raises(CacheDamagedError, match=r"first difference: value id '12(3|\\x7f)', checksum id '12"):
         check_index(cache)
-    records = [{"question_id": i, "image_id": str(i)} for i in range(N)]
+    records = [{"id": i, "texts": {"question": "q?"}, "vectors": {"image": str(i)}, "target": "a",
+                "references": ["a"]} for i in range(N)]  # example dicts (pipelines.data.example)
     from pipelines.data.preflight import preflight
 
     with CacheReader(cache) as r, pytest.raises(CacheDamagedError, match="the cache is damaged"):

@@ -78,6 +78,7 @@ def test_vqascore_by_answer_and_question_type_and_merge():
     s.add("Two", ["2"] * 10, "number", "how many")
     s.add("blue", ["red"] * 10, "other")  # no question type: counted everywhere else
     out = s.summary()
+    assert next(iter(out)) == "metric" and out["metric"] == "vqa"  # which accuracy, first
     assert out["count"] == 4
     assert out["accuracy"] == pytest.approx((1 + 0.3 + 1 + 0) / 4)
     assert out["exact_match"] == pytest.approx(2 / 4)
@@ -92,8 +93,17 @@ def test_vqascore_by_answer_and_question_type_and_merge():
     a.add("no", ["yes"] * 9 + ["no"], "yes/no", "is the")
     b.add_batch(["Two", "blue"], [["2"] * 10, ["red"] * 10], ["number", "other"], ["how many", ""])
     assert a.merge(json.loads(json.dumps(b.state()))).summary() == out
-    assert VQAScore().summary() == {"accuracy": 0.0, "exact_match": 0.0, "count": 0, "by_answer_type": {},
+    assert VQAScore().summary() == {"metric": "vqa", "accuracy": 0.0, "exact_match": 0.0, "count": 0, "by_answer_type": {},
                                     "by_question_type": {}}
+
+
+def test_exact_metric_scores_a_match_with_any_reference():
+    s = VQAScore("exact")
+    assert s.add("Cat.", ["dog", "cat"]) == 1.0  # normalised, any reference
+    assert s.add("cow", ["dog", "cat"]) == 0.0
+    assert s.summary()["metric"] == "exact" and s.summary()["accuracy"] == 0.5
+    with pytest.raises(ValueError, match="^metric 'bleu': choose one of vqa, exact$"):
+        VQAScore("bleu")
 
 
 def test_question_only_baseline_fits_the_best_answer_per_text():

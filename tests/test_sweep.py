@@ -2,9 +2,9 @@
 of tiny fused T5s trained for real on the CPU; then the summary, the figures, reruns and broken runs;
 then a grid over two vector modalities' layers with their ablations.
 
-The second vector modality, ``depth``, is the image cache under another name: every vector modality
-is looked up by the record's image id, so two ``--cache`` entries on one cache make a two-modality
-sweep without a second dataset."""
+The second vector modality, ``depth``, is the image cache under another name: the shapes examples get
+a ``depth`` vector field holding their image id (``two_fields``), so two ``--cache`` entries on one
+cache make a two-modality sweep without a second dataset."""
 
 import dataclasses
 import json
@@ -299,8 +299,27 @@ def test_vqa_folder_split_by_question_and_a_split_that_differs(data, tmp_path):
 
 # ---- several modalities: --fuse, --fuse-grid, --ablate ---------------------------------------------
 
+@pytest.fixture(scope="module")
+def two_fields(data, tmp_path_factory):
+    """The shapes data as examples with a second vector field, ``depth``, keyed like the image, sharded
+    as ``data``'s are."""
+    from pipelines.data.example import Example, write_examples
+    from pipelines.data.shards import write_qa_shards
+    from pipelines.data.vqa import read_vqa
+
+    root = tmp_path_factory.mktemp("two-fields")
+    examples = [r.to_example() for r in read_vqa(data / "shapes", check_images=False)]
+    write_examples(root / "examples", "train", [dataclasses.replace(e, vectors={**e.vectors, "depth": e.vectors["image"]})
+                                                for e in examples])
+    (root / "examples" / "dataset.json").write_text('{"format": "where-to-fuse/examples", "metric": "vqa"}')
+    write_qa_shards(root / "examples", root / "qa", min_shards=2, seed=0)
+    (root / "cache").symlink_to(data / "cache")
+    return root
+
+
 def grid_flags(data, out, *extra):
-    """Two vector modalities on one cache (see the module docstring); no --fuse-layers."""
+    """Two vector modalities on one cache (see the module docstring); no --fuse-layers. ``data``: the
+    folder of ``two_fields``' shards."""
     return ["--shards", str(data / "qa"), "--cache", f"image={data / 'cache'}", "--cache", f"depth={data / 'cache'}",
             "--t5", "tiny", "--tokenizer", "words", "--steps", "6", "--eval-every", "3", "--batch-size", "16",
             "--lr", "1e-2", "--warmup", "0", "--num-workers", "0", "--decoder-layers", "1", "--out", str(out), *extra]
@@ -319,10 +338,10 @@ MULTI = {  # run -> its --fuse: the 2×2 grid over the image's and depth's layer
 
 
 @pytest.fixture(scope="module")
-def multi(data):
+def multi(two_fields):
     """``--fuse-grid "image=0,4 depth=0,4" --ablate``, run once through the CLI."""
-    out = data / "multi"
-    result = CliRunner().invoke(main, grid_flags(data, out, "--fuse-grid", "image=0,4 depth=0,4", "--ablate"))
+    out = two_fields / "multi"
+    result = CliRunner().invoke(main, grid_flags(two_fields, out, "--fuse-grid", "image=0,4 depth=0,4", "--ablate"))
     assert result.exit_code == 0, result.output
     return out, result.output
 
@@ -378,10 +397,10 @@ def test_the_summary_has_a_modality_axis_and_the_ablation_rows(multi):
     assert {f: (out / f).read_bytes() for f in SUMMARY} == before
 
 
-def test_fuse_base_with_a_vector_modality_and_the_plan_of_its_ablations(data, tmp_path):
+def test_fuse_base_with_a_vector_modality_and_the_plan_of_its_ablations(two_fields, tmp_path):
     """A modality fixed in --fuse is ablated too; runs that differ only in the removed modality share
     their ablation; --dry-run prints each run's --fuse."""
-    result = CliRunner().invoke(main, grid_flags(data, tmp_path / "out", "--fuse", "0:question 2:depth", "--fuse-grid",
+    result = CliRunner().invoke(main, grid_flags(two_fields, tmp_path / "out", "--fuse", "0:question 2:depth", "--fuse-grid",
                                                  "image=0,4", "--ablate", "--dry-run"))
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
@@ -391,7 +410,7 @@ def test_fuse_base_with_a_vector_modality_and_the_plan_of_its_ablations(data, tm
         "no_image-d1-pool_none-r0\ttodo\t--fuse '0:question 2:depth'",
         "f4-no_depth-d1-pool_none-r0\ttodo\t--fuse '0:question 4:image'",
         "5 of 5 run(s) to do (6 steps each)"]
-    result = CliRunner().invoke(main, grid_flags(data, tmp_path / "out", "--fuse-grid", "image=0,2 depth=0,2,4",
+    result = CliRunner().invoke(main, grid_flags(two_fields, tmp_path / "out", "--fuse-grid", "image=0,2 depth=0,2,4",
                                                  "--dry-run"))
     assert result.exit_code == 0, result.output
     assert [line.split("\t")[0] for line in result.output.splitlines()[:-1]] == [
@@ -442,8 +461,8 @@ def test_pooling_per_modality_and_an_ablation_that_leaves_nothing():
      ("--fuse-grid 'question=0': nothing to sweep: no modality of it or of --fuse '' has a --cache (given: image, "
       "depth); e.g. --fuse-grid image=0,2,4 --cache image=PATH (or --fuse-layers 0,2,4, or --grid cpu)")),
 ])
-def test_a_bad_fuse_grid_exits_2_naming_the_flag(data, tmp_path, extra, message):
-    result = CliRunner().invoke(main, grid_flags(data, tmp_path / "out", *extra))
+def test_a_bad_fuse_grid_exits_2_naming_the_flag(two_fields, tmp_path, extra, message):
+    result = CliRunner().invoke(main, grid_flags(two_fields, tmp_path / "out", *extra))
     assert result.exit_code == 2, result.output
     assert result.output.splitlines()[-1] == f"Error: {message}"
     assert not (tmp_path / "out").exists()

@@ -54,10 +54,10 @@ def test_short_run_learns_and_writes_every_artifact(data, tmp_path):
     from pipelines.data.stream import read_records
     from pipelines.metrics.vqa import VQAScore, target_answer
 
-    majority = Counter(target_answer(x["answers"]) for x in read_records(shard_paths(data / "qa", "train")))
+    majority = Counter(target_answer(x["references"]) for x in read_records(shard_paths(data / "qa", "train")))
     score = VQAScore()
     for x in read_records(shard_paths(data / "qa", "eval")):
-        score.add(majority.most_common(1)[0][0], x["answers"], x["answer_type"])
+        score.add(majority.most_common(1)[0][0], x["references"], x["groups"]["answer_type"])
     assert last["accuracy"] > score.summary()["accuracy"], (last, score.summary())
     assert r["best"]["accuracy"] >= last["accuracy"] and first["step"] == 60 and last["step"] == 120
     run = tmp_path / "run"
@@ -213,7 +213,7 @@ def test_the_question_only_baseline_is_one_flag(data, tmp_path):
     # a --positions given as such is still checked against --fuse
     r = cli("--preset", "demo", "--shards", data / "qa", "--fuse", "0:question", "--positions", "image",
             "--out", tmp_path / "p")
-    assert usage_error(r) == "Error: --positions image: not a vector modality of --fuse 0:question\n"
+    assert usage_error(r) == "Error: --positions image: not a vector modality of --fuse 0:question (no --cache image=PATH)\n"
 
 
 def test_fuse_eval_scores_a_vqa_split_and_writes_the_results_file(data, tmp_path):
@@ -309,7 +309,7 @@ def test_fuse_eval_scores_a_checkpoint_and_answers_one_question(data, tmp_path):
     # A cache that lacks one image: refused with a message, or its questions dropped with --allow-missing.
     with CacheReader(data / "cache") as src, CacheWriter(tmp_path / "partial", shape=src.meta.shape,
                                                          producer=src.meta.producer) as w:
-        gone = sorted({r["image_id"] for r in read_records(shard_paths(data / "qa", "eval"))})[0]
+        gone = sorted({r["vectors"]["image"] for r in read_records(shard_paths(data / "qa", "eval"))})[0]
         for key in src.keys():
             if key != gone:
                 w.put(key, src[key])
@@ -325,6 +325,11 @@ def test_fuse_eval_scores_a_checkpoint_and_answers_one_question(data, tmp_path):
     res = CliRunner().invoke(eval_main, [str(tmp_path / "run"), "--image", str(image), "--question", question, "--json"])
     assert res.exit_code == 0, res.output
     answer = json.loads(res.output)["answer"]
+    # --image and --question are short for --file image=PATH and --field question=TEXT
+    res = CliRunner().invoke(eval_main, [str(tmp_path / "run"), "--file", f"image={image}", "--field",
+                                         f"question={question}", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output) == {"question": question, "image": str(image), "answer": answer}
     # The same question answered from the cache's value of that image.
     from pipelines.data.tokens import decode_batch
     from pipelines.train.checkpoint import load_checkpoint
@@ -355,11 +360,20 @@ def test_cli_errors(data, tmp_path):
     r = cli(*base, "--cache", f"image={data / 'cache'}", "--fuse", "0:question 5:image")
     assert usage_error(r) == "Error: --fuse 5:image: the encoder has 4 layers (0..4)\n"
     r = cli(*base, "--cache", f"image={data / 'cache'}", "--fuse", "0:question 1:audio")
-    assert usage_error(r) == "Error: --fuse 0:question 1:audio: modality 'audio' has no --cache audio=PATH\n"
+    assert usage_error(r) == (f"Error: --fuse 0:question 1:audio: the shards in {data / 'qa'} have no field 'audio' "
+                              "(text fields: question; vector fields: image)\n")
+    r = cli(*base, "--cache", f"image={data / 'cache'}", "--cache", f"audio={data / 'cache'}", "--fuse",
+            "0:question 1:audio")
+    assert usage_error(r) == (f"Error: --cache audio=PATH: the shards in {data / 'qa'} have no field 'audio', so no "
+                              "id to look it up by (text fields: question; vector fields: image)\n")
+    r = cli(*base, "--fuse", "0:question 1:image")  # a vector field of the data, without its cache
+    assert usage_error(r) == (f"Error: --fuse 0:question 1:image: 'image' is a vector field of the shards in "
+                              f"{data / 'qa'}: give its cache with --cache image=PATH\n")
     r = cli(*base, "--cache", f"image={data / 'cache'}", "--eval-limit", "-1")
     assert usage_error(r) == "Error: --eval-limit -1: must be 0 (all) or a positive integer\n"
     r = cli(*base, "--cache", f"image={data / 'cache'}", "--positions", "question")
-    assert usage_error(r) == "Error: --positions question: not a vector modality of --fuse 0:question 0:image\n"
+    assert usage_error(r) == ("Error: --positions question: not a vector modality of --fuse 0:question 0:image "
+                              "(no --cache question=PATH)\n")
     r = cli(*base, "--cache", f"image={data / 'cache'}", "--clip", "-1")
     assert usage_error(r) == "Error: --clip -1.0: must be a number >= 0 (0: off)\n"
     # What is found wrong in the data exits 1.
@@ -371,8 +385,8 @@ def test_cli_errors(data, tmp_path):
     assert r.exit_code == 1 and "lacks 47 of 48 ids, needed by 235 of 240 records (e.g. 2, 3, 7, 9, 10, ...)" in r.output
     assert r.output.endswith("embed them, or allow missing ids (--allow-missing) to drop those records\n")
     # A cache that lacks one image of the eval side only: refused before the first step, not at the first eval.
-    eval_only = ({r["image_id"] for r in read_records(shard_paths(data / "qa", "eval"))}
-                 - {r["image_id"] for r in read_records(shard_paths(data / "qa", "train"))})
+    eval_only = ({r["vectors"]["image"] for r in read_records(shard_paths(data / "qa", "eval"))}
+                 - {r["vectors"]["image"] for r in read_records(shard_paths(data / "qa", "train"))})
     gone = sorted(eval_only)[0]
     with CacheReader(data / "cache") as src, CacheWriter(tmp_path / "no-eval", shape=src.meta.shape,
                                                          producer=src.meta.producer) as w:
@@ -389,7 +403,7 @@ def test_cli_errors(data, tmp_path):
     assert r.exit_code == 1
     assert "producer.model: cache has 'vit_base_patch16_224', expected 'vit_shapes_patch16_48'" in r.output
     r = cli(*base, "--cache", "image")
-    assert r.exit_code == 2 and "--cache image: expected MODALITY=PATH" in r.output
+    assert usage_error(r) == "Error: --cache image: expected FIELD=PATH, e.g. --cache image=runs/cache\n"
 
 
 def test_two_process_accelerate_launch(data, tmp_path):
@@ -428,6 +442,16 @@ def test_config_file_errors_and_flags_override_it(tmp_path):
                                  ("--warmup", "-0.1", "must be a fraction of the steps (< 1) or a number of steps")):
         r = CliRunner().invoke(train_main, ["--preset", "demo", "--shards", str(tmp_path), flag, value])
         assert usage_error(r) == f"Error: {flag} {float(value) if flag == '--warmup' else value}: {message}\n"
+
+
+def test_a_presets_positions_and_expectations_apply_to_its_fused_fields_with_a_cache():
+    """Without --cache a fused field is a text field: the demo preset still resolves (the quickstart
+    reads its settings so), and the data's check asks for the cache (test_cli_errors)."""
+    demo = TrainConfig.resolve("demo")
+    assert (demo.fuse, demo.positions, demo.expect) == ("0:question 2:image", "", {})
+    cached = TrainConfig.resolve("demo", caches={"image": "c"})
+    assert cached.positions == "image" and list(cached.expect) == ["image"] and cached.position_modalities() == ["image"]
+    assert TrainConfig.resolve("demo", caches={"image": "c"}, fuse="0:question").positions == ""
 
 
 def test_a_checkpoint_left_as_old_by_a_kill_between_renames_is_found(tmp_path):

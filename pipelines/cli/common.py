@@ -44,21 +44,27 @@ def distributed_teardown():
             torch.distributed.destroy_process_group()
 
 
-def parse_caches(values) -> dict:
-    """``--cache MODALITY=PATH`` options -> ``{modality: path}``.
+def parse_pairs(values, flag: str = "--cache", example: str = "image=runs/cache", empty_ok: bool = False,
+                form: str = "FIELD=PATH") -> dict:
+    """``--cache FIELD=PATH`` options (or another ``NAME=VALUE`` flag, of the ``form`` given) -> ``{name: value}``.
 
     Raises:
-        click.UsageError: malformed, or a modality given twice.
+        click.UsageError: malformed, or a name given twice.
     """
-    caches = {}
+    out = {}
     for item in values:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise click.UsageError(f"--cache {item}: expected MODALITY=PATH, e.g. --cache image=runs/cache")
-        if name in caches:
-            raise click.UsageError(f"--cache {item}: modality '{name}' given twice")
-        caches[name] = path
-    return caches
+        name, sep, value = item.partition("=")
+        if not sep or not name or (not value and not empty_ok):
+            raise click.UsageError(f"{flag} {item}: expected {form}, e.g. {flag} {example}")
+        if name in out:
+            raise click.UsageError(f"{flag} {item}: '{name}' given twice")
+        out[name] = value
+    return out
+
+
+def parse_caches(values) -> dict:
+    """``--cache MODALITY=PATH`` options -> ``{modality: path}``."""
+    return parse_pairs(values)
 
 
 def setup_logging(level=logging.WARNING) -> None:

@@ -47,22 +47,37 @@ def cli(verbose):
 @click.option("--split", default="train", show_default=True, help="Split name in the file names.")
 @click.option("--first-id", type=click.IntRange(min=0), default=1, show_default=True,
               help="The first image id (another split in the same folder needs ids of its own, and another --seed).")
+@click.option("--task", type=click.Choice(["vqa", "notes"]), default="vqa", show_default=True,
+              help="vqa: the VQA v2 layout; notes: two text fields and the image, in the examples layout.")
 @_fail_cleanly
-def shapes(out, images, seed, size, questions_per_image, split, first_id):
-    """Write the synthetic shapes dataset to OUT in the VQA v2 layout.
+def shapes(out, images, seed, size, questions_per_image, split, first_id, task):
+    """Write the synthetic shapes dataset to OUT in the VQA v2 layout (or the notes task).
 
     Coloured shapes on a 3x3 grid; questions about colour, shape, presence, count, position and
     relations, 10 answers each. Prints the question-only baseline (answering from the question
     text alone, fitted on 80% of the images, scored on the rest). Write a val split beside the
     train split with another seed and other image ids.
 
+    --task notes writes the same scenes with two text fields per example, a note ("The marked
+    object is the triangle.") and a question ("What color is the marked object?"), in the examples
+    layout (examples-SPLIT.jsonl, images/ID.jpg): the answer needs both the note and the image.
+
     Example:
 
     \b
         vqa-data shapes data/shapes --images 2000 --seed 0
         vqa-data shapes data/shapes --images 500 --split val --seed 1 --first-id 100001
+        vqa-data shapes data/notes --task notes --images 2000
     """
-    from ..data.shapes import held_out_baseline, write_shapes
+    from ..data.shapes import held_out_baseline, write_notes, write_shapes
+
+    if task == "notes":
+        with click.progressbar(length=images, label="images", file=sys.stderr) as bar:
+            summary = write_notes(out, images=images, seed=seed, size=size, split=split, first_id=first_id,
+                                  progress=bar.update)
+        click.echo(f"wrote {summary['images']} images, {summary['examples']} examples to {out} (notes task; "
+                   f"embed {out}/images)")
+        return
 
     with click.progressbar(length=images, label="images", file=sys.stderr) as bar:
         summary = write_shapes(out, images=images, seed=seed, size=size, split=split,
@@ -94,7 +109,8 @@ def _split_list(value):
 @click.option("--eval-fraction", type=float, default=None,
               help="Share of the pooled splits that goes to eval (not with --eval-splits).  [default: 0.2]")
 @click.option("--split-by", type=click.Choice(["image", "question"]), default="image", show_default=True,
-              help="image: no image on both sides; question: a random slice of questions.")
+              help="image: no image on both sides (examples: their image field, else their first vector field); "
+                   "question: a random slice of questions (examples).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--shard-size", default=1000, show_default=True, help="Records per shard at most.")
 @click.option("--images-root", type=click.Path(file_okay=False), default=None,
@@ -105,9 +121,11 @@ def _split_list(value):
 @_fail_cleanly
 def shards(vqa_dir, out, train_splits, eval_splits, select_fraction, splits, eval_fraction, split_by, seed,
            shard_size, images_root, no_check_images, max_question_chars):
-    """Make the train and eval sides of a VQA v2 folder and write them as WebDataset shards to OUT.
+    """Make the train and eval sides of a dataset and write them as WebDataset shards to OUT.
 
-    VQA_DIR is the official layout (or `vqa-data shapes` output). By default all its splits with
+    VQA_DIR is the official VQA v2 layout (or `vqa-data shapes` output), or a folder in the examples
+    layout (examples-SPLIT.jsonl: any text fields and vector fields, each vector field with its own
+    cache id; see the README's "The example contract"); the manifest lists the fields and the metric. By default all its splits with
     annotations are pooled and split 80/20 by image (the thesis). VQA v2's protocol is --train-splits
     train --eval-splits val --select-fraction 0.05: train on train2014, pick the checkpoint on a
     held-out slice of it, score all of val2014. OUT gets train-*.tar, eval-*.tar, select-*.tar and

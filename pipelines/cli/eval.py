@@ -2,10 +2,11 @@
 server's results file if asked), or answer one question about one image (see :mod:`pipelines.train.evaluate`)."""
 
 import json
+import os
 
 import click
 
-from .common import cli_errors, parse_caches, setup_logging
+from .common import cli_errors, parse_caches, parse_pairs, setup_logging
 
 
 @click.command(context_settings={"show_default": True})
@@ -29,12 +30,17 @@ from .common import cli_errors, parse_caches, setup_logging
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads [the run's: the cores left after the stream's workers].")
 @click.option("--progress/--no-progress", default=None, help="A progress bar on stderr [on a terminal].")
-@click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Answer one question about this image.")
-@click.option("--question", help="The question to answer about --image.")
+@click.option("--field", "fields", multiple=True, metavar="FIELD=TEXT",
+              help="Answer one example: a text field's text (repeat for each text field the model fuses).")
+@click.option("--file", "files", multiple=True, metavar="FIELD=PATH",
+              help="Answer one example: a vector field's file, embedded as its cache was (an image).")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), help="Short for --file image=PATH.")
+@click.option("--question", help="Short for --field question=TEXT.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def main(checkpoint, shards, caches, side, split, vqa_dir, results_file, batch_size, limit, allow_missing, threads,
-         progress, image, question, as_json):
-    """Score a fuse-train checkpoint with the official VQA accuracy, or answer one question.
+         progress, fields, files, image, question, as_json):
+    """Score a fuse-train checkpoint with its data's metric (the official VQA accuracy for VQA), or
+    answer one example given by hand.
 
     CHECKPOINT is a run directory (its best checkpoint is used) or a checkpoint folder. Scores the
     eval side of the run's shards, another side (--side), or a VQA split (--split val: all of
@@ -48,10 +54,20 @@ def main(checkpoint, shards, caches, side, split, vqa_dir, results_file, batch_s
         fuse-eval runs/demo --split val --results-file runs/demo/val_results.json
         fuse-eval runs/demo --split test-dev --results-file runs/demo/test-dev_results.json
         fuse-eval runs/demo --image shapes/train2014/COCO_train2014_000000000001.jpg --question "What color is the circle?"
+        fuse-eval runs/notes --file image=notes/images/7.jpg --field note="The marked object is the circle." \\
+            --field question="What color is the marked object?"
     """
     setup_logging()
-    if (image is None) != (question is None):
-        raise click.UsageError("--image and --question go together")
+    texts = parse_pairs(fields, "--field", 'question="What color is the circle?"', empty_ok=True, form="FIELD=TEXT")
+    paths = parse_pairs(files, "--file", "image=photo.jpg")
+    for flag, table, name, value in (("--question", texts, "question", question), ("--image", paths, "image", image)):
+        if value is not None:
+            if name in table:
+                raise click.UsageError(f"{flag} and --{'field' if table is texts else 'file'} {name}=...: give one")
+            table[name] = value
+    for name, path in paths.items():
+        if not os.path.isfile(path):
+            raise click.UsageError(f"--file {name}={path}: no such file")
     from transformers.utils import logging as hf_logging
 
     from ..train.checkpoint import load_checkpoint
@@ -65,9 +81,9 @@ def main(checkpoint, shards, caches, side, split, vqa_dir, results_file, batch_s
                              batch_size=batch_size, limit=limit, allow_missing=allow_missing,
                              results_file=results_file, threads=threads, progress=progress)
         model, run, tokenizer, ckpt = load_checkpoint(checkpoint)
-        if image:
-            answer = answer_one(model, run, tokenizer, image, question)
-            click.echo(json.dumps({"question": question, "image": image, "answer": answer}) if as_json else answer)
+        if texts or paths:
+            answer = answer_one(model, run, tokenizer, texts, paths)
+            click.echo(json.dumps({**texts, **paths, "answer": answer}) if as_json else answer)
             return
         summary = score(model, run, tokenizer, config)
     summary["checkpoint"] = str(ckpt)
@@ -84,13 +100,14 @@ def main(checkpoint, shards, caches, side, split, vqa_dir, results_file, batch_s
 
 
 def format_summary(summary: dict, title: str) -> str:
-    """A table of VQA accuracy and exact match, overall, by answer type and by question type."""
+    """A table of the metric's accuracy and exact match, overall, by answer type and by question type."""
     lines = [title]
     rows = [("all", summary), *summary["by_answer_type"].items()]
     if summary["by_question_type"]:
         rows += [("", None), ("question type", None), *summary["by_question_type"].items()]
     width = max(12, *(len(kind) + 2 for kind, _ in rows))
-    lines.append(f"{'answer type':<{width}}{'count':>8}{'VQA acc':>10}{'exact':>9}")
+    acc = "VQA acc" if summary.get("metric", "vqa") == "vqa" else "accuracy"
+    lines.append(f"{'answer type':<{width}}{'count':>8}{acc:>10}{'exact':>9}")
     for kind, m in rows:
         lines.append(f"{kind:<{width}}{m['count']:>8}{100 * m['accuracy']:>9.2f}%{100 * m['exact_match']:>8.2f}%"
                      if m else kind)

@@ -11,12 +11,25 @@ from ..train.config import (
     TRAIN_PRESETS,
 )
 
+
+
+def _text_len(ctx, param, values):
+    """``--text-len FIELD=TOKENS`` options -> ``{field: tokens}`` (``None``: not given)."""
+    out = {}
+    for item in values:
+        name, sep, n = item.partition("=")
+        if not sep or not name or not n.strip().isdigit():
+            raise click.BadParameter(f"{item}: expected FIELD=TOKENS, e.g. --text-len title=32")
+        out[name] = int(n)
+    return out or None
+
+
 # (parameter name, flags, click.option keywords), in --help order.
 TRAIN_OPTIONS = [
     ("shards", ("--shards",), dict(type=click.Path(exists=True, file_okay=False),
                                     help="Folder written by `vqa-data shards`.")),
-    ("caches", ("--cache", "caches"), dict(multiple=True, metavar="MODALITY=PATH",
-                                           help="An embedding cache per vector modality.")),
+    ("caches", ("--cache", "caches"), dict(multiple=True, metavar="FIELD=PATH",
+                                           help="An embedding cache per vector field, looked up by its own id.")),
     ("out", ("--out",), dict(type=click.Path(file_okay=False), help="Run directory.  [default: runs/train]")),
     ("preset", ("--preset",), dict(type=click.Choice(sorted(TRAIN_PRESETS)),
                                    help="Named settings; flags override them.")),
@@ -24,7 +37,11 @@ TRAIN_OPTIONS = [
                                                       help="A YAML or JSON file of settings.")),
     ("t5", ("--t5",), dict(help="T5: a preset of fuse.T5_PRESETS (random init), a hub name or a local directory.")),
     ("tokenizer", ("--tokenizer",), dict(help="byt5 (no files) or a Hugging Face tokenizer name or folder.")),
-    ("fuse", ("--fuse",), dict(help='Fusion spec: "LAYER:MODALITY[,MODALITY] ...", e.g. "0:question 6:image".')),
+    ("fuse", ("--fuse",), dict(help='Fusion spec: "LAYER:FIELD[,FIELD] ...", e.g. "0:question 6:image" or '
+                                    '"0:title,question 4:image 7:audio": the data\'s text fields, and vector fields '
+                                    'with a --cache.')),
+    ("text_len", ("--text-len",), dict(multiple=True, metavar="FIELD=TOKENS", callback=_text_len,
+                                       help="A text field's token limit (repeat per field).  [default: 128]")),
     ("pool", ("--pool",), dict(help='Pooling: "MODALITY:TYPE[:LENGTH] ...", e.g. "image:attention:14".')),
     ("positions", ("--positions",), dict(metavar="MODALITY[,MODALITY]",
                                          help='Vector modalities whose tokens get a learned position embedding, '

@@ -5,6 +5,8 @@ import logging
 
 import click
 
+from ..data.shards import read_manifest
+from ..metrics.vqa import metric_name
 from ..train.config import TrainConfig
 from .common import cli_errors, distributed_teardown, parse_caches, setup_logging
 from .options import train_options
@@ -12,19 +14,20 @@ from .options import train_options
 
 def format_results(results: dict) -> str:
     side = results.get("selection_side", "eval")
+    name = metric_name(results.get("metric", "vqa"))
     lines = []
     for which in ("best", "last"):
         r = results.get(which)
         if r:
             kinds = ", ".join(f"{k} {100 * m['accuracy']:.1f}%" for k, m in r["by_answer_type"].items())
-            lines.append(f"{which:>4}: step {r['step']}: VQA accuracy {100 * r['accuracy']:.2f}%, "
+            lines.append(f"{which:>4}: step {r['step']}: {name} {100 * r['accuracy']:.2f}%, "
                          f"exact match {100 * r['exact_match']:.2f}%  ({kinds})"
                          + (f" on the {side} side" if side != "eval" else ""))
     final = results.get("eval")
     if final:
         kinds = ", ".join(f"{k} {100 * m['accuracy']:.1f}%" for k, m in final["by_answer_type"].items())
-        lines.append(f"eval: the best checkpoint (step {final['step']}) on all {final['count']} eval questions: "
-                     f"VQA accuracy {100 * final['accuracy']:.2f}%, exact match {100 * final['exact_match']:.2f}%  "
+        lines.append(f"eval: the best checkpoint (step {final['step']}) on all {final['count']} eval examples: "
+                     f"{name} {100 * final['accuracy']:.2f}%, exact match {100 * final['exact_match']:.2f}%  "
                      f"({kinds})")
     if results.get("steps_per_s") is not None:
         lines.append(f"speed: {results['steps_per_s']:.2f} steps/s, {results['samples_per_s']:.0f} samples/s, "
@@ -38,10 +41,12 @@ def format_results(results: dict) -> str:
 @train_options()
 @click.option("--json", "as_json", is_flag=True, help="Print results.json instead of a summary.")
 def main(caches, config_file, preset, as_json, **flags):
-    """Finetune the fused T5 on VQA, reading image embeddings from the cache.
+    """Finetune the fused T5 on the shards' examples, reading each vector field from its cache.
 
-    Evaluates every --eval-every steps with the official VQA accuracy and keeps the best and the last
-    checkpoint; writes OUT/results.json, OUT/config.json and TensorBoard logs in OUT/tb. Shards with
+    --fuse names where each field joins the encoder: text fields of the data (the question, a
+    title, ...) and vector fields with a --cache (image, audio, ...), each looked up by its own id; a
+    field the data lacks is refused before any step. Evaluates every --eval-every steps with the
+    data's metric (the official VQA accuracy for VQA) and keeps the best and the last checkpoint; writes OUT/results.json, OUT/config.json and TensorBoard logs in OUT/tb. Shards with
     a select side (vqa-data shards --select-fraction) pick the best checkpoint there and score the
     eval side once with it at the end. --fuse 0:question without --cache trains on the question alone.
 
@@ -61,6 +66,8 @@ def main(caches, config_file, preset, as_json, **flags):
         cfg = TrainConfig.resolve(preset or "", config_file, **flags)
     if not cfg.shards:
         raise click.UsageError("--shards is required (a folder written by `vqa-data shards`)")
+    with cli_errors():  # a field the data lacks: before anything is made
+        cfg.check_fields(read_manifest(cfg.shards)["fields"], f"the shards in {cfg.shards}")
     with cli_errors(), distributed_teardown():
         results = train(cfg)
     if results.get("stopped"):

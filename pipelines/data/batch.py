@@ -1,4 +1,4 @@
-"""Batches: records -> tokens (in the DataLoader workers) -> plus cache values (in the loading process).
+"""Batches: examples -> tokens (in the DataLoader workers) -> plus cache values (in the loading process).
 
 The values are looked up where the batch is consumed, not in the workers. The cache is a memory
 map of the page cache, so this process can copy each value once, straight into the batch array;
@@ -16,58 +16,71 @@ try:
 except ImportError:  # not Unix
     fcntl = None
 
-import numpy as np
 import torch
 
 from store import CorruptValueError, MissingIdError
 
 from ..errors import PipelineError
-from ..metrics.vqa import target_answer
 from .tokens import char_limit, cut_text, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ID_FIELD = "image_id"
 
-
-def _record_ids(samples, modality, field_name):
+def _record_ids(samples, modality):
     ids = []
     for s in samples:
-        if field_name not in s:
-            raise PipelineError(f"question {s.get('question_id')}: record has no {field_name} "
-                                f"(the id of modality {modality!r})")
-        ids.append(str(s[field_name]))
+        vectors = s["vectors"]
+        if modality not in vectors:
+            raise PipelineError(f"example {s.get('id')}: has no vector field {modality!r} (its fields: "
+                                f"{', '.join([*s['texts'], *vectors]) or 'none'})")
+        ids.append(str(vectors[modality]))
     return ids
 
 
+def _record_texts(samples, name):
+    texts = []
+    for s in samples:
+        text = s["texts"].get(name)
+        if text is None:
+            raise PipelineError(f"example {s.get('id')}: has no text field {name!r} (its fields: "
+                                f"{', '.join([*s['texts'], *s['vectors']]) or 'none'})")
+        texts.append(text)
+    return texts
+
+
 class DropMissing:
-    """Stream stage: drop records whose id a cache lacks (used only when that is allowed; the
+    """Stream stage: drop examples whose id a cache lacks (used only when that is allowed; the
     pre-flight check has counted them)."""
 
-    def __init__(self, readers: dict, id_fields: dict):
-        self.readers, self.id_fields = readers, id_fields
+    def __init__(self, readers: dict):
+        self.readers = readers
 
     def __call__(self, src):
         for rec in src:
-            ids = {n: str(rec.get(self.id_fields.get(n, DEFAULT_ID_FIELD))) for n in self.readers}
-            if all(ids[n] in r for n, r in self.readers.items()):
+            if all(str(rec["vectors"].get(n)) in r for n, r in self.readers.items()):
                 yield rec
 
 
 class Collate:
-    """Records -> a batch without the cache values: padded tokens, ids and the metric's fields.
+    """Examples -> a batch without the cache values: each text field's padded tokens, the target's,
+    the vector fields' ids and the metric's fields.
 
     Runs in the DataLoader workers. Arrays are numpy (pickled inline to the main process: cheaper
     than one shared-memory segment per small tensor); :class:`AttachVectors` makes them tensors.
-    The tokenizer is loaded on first use in each process and never pickled. Questions and targets
-    are cut to :func:`~pipelines.data.tokens.char_limit` characters first (the tokens are the same;
-    a huge text costs no more than a long one), with a warning for the first text cut.
+    The tokenizer is loaded on first use in each process and never pickled. Texts and targets are
+    cut to :func:`~pipelines.data.tokens.char_limit` characters first (the tokens are the same; a
+    huge text costs no more than a long one), with a warning for the first text cut.
+
+    Args:
+        texts: text field -> its token limit (the fused text fields).
+        vectors: the vector fields whose ids the batch carries.
+        tokenizer: see :func:`~pipelines.data.tokens.load_tokenizer`.
+        max_answer_len: the target's token limit.
     """
 
-    def __init__(self, modalities: dict, tokenizer: str = "byt5", max_question_len: int = 128,
-                 max_answer_len: int = 32):
-        self.modalities = dict(modalities)  # modality -> record id field
-        self.tokenizer_name, self.max_question_len, self.max_answer_len = tokenizer, max_question_len, max_answer_len
+    def __init__(self, texts: dict, vectors=(), tokenizer: str = "byt5", max_answer_len: int = 32):
+        self.texts, self.vectors = dict(texts), list(vectors)
+        self.tokenizer_name, self.max_answer_len = tokenizer, max_answer_len
         self._tokenizer = None
         self._warned = False  # about a cut text: once per process and stream
 
@@ -86,33 +99,32 @@ class Collate:
         if not self._warned:
             for sample, text, kept in zip(samples, texts, out):
                 if len(kept) < len(text):
-                    log.warning("question %s: its %s has %s characters: cut to %s before tokenizing (its first "
+                    log.warning("example %s: its %s has %s characters: cut to %s before tokenizing (its first "
                                 "%d tokens are kept either way); other long texts are cut without a warning",
-                                sample.get("question_id"), what, f"{len(text):,}", f"{char_limit(max_length):,}",
+                                sample.get("id"), what, f"{len(text):,}", f"{char_limit(max_length):,}",
                                 max_length)
                     self._warned = True
                     break
         return out
 
     def __call__(self, samples: list) -> dict:
-        questions = self.cut(samples, [s["question"] for s in samples], self.max_question_len, "question")
-        # a question of a split without annotations (VQA's test splits) is answered, never trained on
-        targets = self.cut(samples, [target_answer(s["answers"]) if s["answers"] else "" for s in samples],
-                           self.max_answer_len, "answer")
-        input_ids, attention_mask = self.tokenizer.encode_batch(questions, self.max_question_len)  # (B, Lq)
+        texts, tokens = {}, {}
+        for name, max_len in self.texts.items():
+            texts[name] = self.cut(samples, _record_texts(samples, name), max_len, name)
+            ids, mask = self.tokenizer.encode_batch(texts[name], max_len)  # (B, L_name)
+            tokens[name] = (ids.numpy(), mask.numpy())
+        # an example without annotations (VQA's test splits) is answered, never trained on
+        targets = self.cut(samples, [s["target"] for s in samples], self.max_answer_len, "target")
         answer_ids, answer_mask = self.tokenizer.encode_batch(targets, self.max_answer_len)  # (B, La)
         return {
-            "input_ids": input_ids.numpy(),
-            "attention_mask": attention_mask.numpy(),
+            "tokens": tokens,
             "labels": answer_ids.masked_fill(answer_mask == 0, -100).numpy(),
-            "ids": {name: _record_ids(samples, name, f) for name, f in self.modalities.items()},
-            "question_id": np.array([int(s["question_id"]) for s in samples], dtype=np.int64),
-            "image_id": [str(s["image_id"]) for s in samples],
-            "question": questions,
-            "answers": [list(s["answers"]) for s in samples],
-            "answer_type": [s["answer_type"] for s in samples],
-            "question_type": [s.get("question_type", "") for s in samples],
+            "ids": {name: _record_ids(samples, name) for name in self.vectors},
+            "id": [s["id"] for s in samples],
+            "texts": texts,
             "target": targets,
+            "references": [list(s["references"]) for s in samples],
+            "groups": [s.get("groups") or {} for s in samples],
         }
 
 
@@ -136,9 +148,9 @@ class AttachVectors:
 
     def __call__(self, batch: dict) -> dict:
         out = dict(batch)
-        for key in ("input_ids", "attention_mask", "labels", "question_id"):
-            out[key] = torch.as_tensor(batch[key])
-        out["vectors"] = {name: self.values(name, ids) for name, ids in batch["ids"].items()}
+        out["tokens"] = {name: (torch.as_tensor(ids), torch.as_tensor(mask)) for name, (ids, mask) in batch["tokens"].items()}
+        out["labels"] = torch.as_tensor(batch["labels"])
+        out["vectors"] = {name: self.values(name, batch["ids"][name]) for name in self.readers if name in batch["ids"]}
         return out
 
 

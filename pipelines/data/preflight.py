@@ -5,8 +5,7 @@ from dataclasses import dataclass
 
 from store.walk import check_index
 
-from ..errors import MissingEmbeddingsError
-from .batch import DEFAULT_ID_FIELD
+from ..errors import MissingEmbeddingsError, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +31,12 @@ class PreflightReport:
         return self.records - len(self.kept)
 
 
-def preflight(records, readers: dict, id_fields: dict = None, allow_missing: bool = False) -> PreflightReport:
+def preflight(records, readers: dict, allow_missing: bool = False) -> PreflightReport:
     """Count the records whose ids a cache lacks; fail (default) or drop them.
 
     Args:
-        records: record dicts (``question_id`` and each modality's id field).
-        readers: modality -> :class:`store.CacheReader` (metadata already checked).
-        id_fields: modality -> record field holding its id (default ``image_id``).
+        records: example dicts (:mod:`pipelines.data.example`): each vector field's id in ``vectors``.
+        readers: vector field -> :class:`store.CacheReader` (metadata already checked).
         allow_missing: drop those records (logged as a warning) instead of failing.
 
     Each cache's index is walked first, in a child process (:func:`store.walk.check_index`): a
@@ -53,14 +51,15 @@ def preflight(records, readers: dict, id_fields: dict = None, allow_missing: boo
     for reader in readers.values():  # damaged index pages: an error naming the cache, not a crash
         check_index(reader.path)
     records = list(records)
-    id_fields = id_fields or {}
     bad = set()  # indices of records to drop
     missing, lines = {}, []
     for name, reader in readers.items():
-        field_name = id_fields.get(name, DEFAULT_ID_FIELD)
         present, ids, affected = {}, [], 0
         for i, rec in enumerate(records):
-            key = str(rec[field_name])
+            if name not in rec["vectors"]:
+                raise PipelineError(f"example {rec.get('id')}: has no vector field {name!r} for --cache {name} "
+                                    f"(its fields: {', '.join([*rec['texts'], *rec['vectors']]) or 'none'})")
+            key = str(rec["vectors"][name])
             ok = present.get(key)
             if ok is None:
                 ok = present[key] = key in reader

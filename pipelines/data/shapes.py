@@ -43,6 +43,7 @@ from PIL import Image, ImageDraw
 from ..errors import DatasetExistsError
 from ..files import write_atomic
 from ..metrics.vqa import question_only_baseline
+from .example import DATASET, DATASET_FORMAT, Example, examples_path, write_examples
 from .splits import split_records
 from .vqa import annotations_path, image_dir, image_name, questions_path, read_split
 
@@ -277,6 +278,71 @@ def write_shapes(out, images: int = 2000, seed: int = 0, size: int = 96, split: 
     write_atomic(qpath, json.dumps({**common, "task_type": "Open-Ended", "questions": questions}))
     return {"images": images, "questions": len(questions), "answer_types": dict(sorted(types.items())),
             "root": str(out)}
+
+
+# ---- the notes task: two fields that each carry half of the answer ---------------------------------
+
+NOTES_TYPES = ("what color is the marked", "what shape is the marked")
+
+
+def make_notes(seed: int, index: int, first_id: int = 1) -> tuple:
+    """The scene and the examples of image ``index`` of the notes task: ``(objects, image_id, examples)``.
+
+    Each example has two text fields, a ``note`` that says which object is marked ("The marked object
+    is the triangle.") and the ``question`` ("What color is the marked object?"), and the ``image``
+    vector field: the note says which object, only the image shows its colour (or, for a note that
+    names a colour, its shape). Without the image, the answer given the texts is uniform over the
+    colours (shapes); without the note, the model can only guess which object is marked.
+    """
+    rng = random.Random(f"notes:{seed}:{index}")
+    objects = _scene(rng)
+    image_id = first_id + index
+    examples = []
+    for key, other, qtype in (("shape", "color", NOTES_TYPES[0]), ("color", "shape", NOTES_TYPES[1])):
+        o = _one_with_unique(rng, objects, key)
+        if o is None:
+            continue
+        note = f"The marked object is the {o[key]}." if key == "shape" else f"The marked object is {o[key]}."
+        question = f"What {'color' if other == 'color' else 'shape'} is the marked object?"
+        examples.append(Example(id=image_id * 1000 + len(examples), texts={"note": note, "question": question},
+                                vectors={"image": str(image_id)}, target=o[other], references=(o[other],),
+                                groups={"answer_type": "other", "question_type": qtype}))
+    return objects, image_id, examples
+
+
+def write_notes(out, images: int = 2000, seed: int = 0, size: int = 96, split: str = "train",
+                first_id: int = 1, progress=None) -> dict:
+    """Write the notes task (:func:`make_notes`) to ``out`` in the examples layout
+    (:mod:`pipelines.data.example`): ``images/{id}.jpg`` (embed them with ``embed out/images``),
+    ``examples-{split}.jsonl`` and ``dataset.json`` (metric ``exact``: one label per example).
+
+    Returns:
+        ``{"images", "examples", "root"}``.
+    """
+    if images < 1:
+        raise ValueError(f"--images {images}: must be at least 1")
+    if not 16 <= size <= 1024:
+        raise ValueError(f"--size {size}: must be in 16..1024 pixels")
+    out = Path(out)
+    path = examples_path(out, split)
+    if path.exists():
+        raise DatasetExistsError(f"{path} exists: write the dataset to another folder or delete it first")
+    folder = out / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    examples = []
+    for index in range(images):
+        objects, image_id, exs = make_notes(seed, index, first_id)
+        render(objects, size).save(folder / f"{image_id}.jpg", format="JPEG", quality=95)
+        examples.extend(exs)
+        if progress:
+            progress(1)
+    info = {"format": DATASET_FORMAT, "metric": "exact",
+            "description": "where-to-fuse synthetic notes task: the note says which object, the image shows it",
+            "seed": seed, "size": size}
+    if not (out / DATASET).exists():
+        write_atomic(out / DATASET, json.dumps(info, indent=2) + "\n")
+    write_examples(out, split, examples)
+    return {"images": images, "examples": len(examples), "root": str(out)}
 
 
 def held_out_baseline(vqa_dir, split: str = "train", seed: int = 0) -> float | None:

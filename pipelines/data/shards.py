@@ -1,8 +1,11 @@
-"""QA records as WebDataset tar shards.
+"""Examples as WebDataset tar shards.
 
-One sample per image: ``__key__`` = the sample's number in its shard side, ``json`` = the list of
-that image's records (:meth:`QARecord.to_dict <pipelines.data.vqa.QARecord.to_dict>`), in dataset order;
-the stream unlists them and shuffles records, not images. Why not one sample per question: webdataset
+The source is a VQA v2 folder (:mod:`pipelines.data.vqa`, each question an example with the
+``question`` text and the ``image`` vector) or a folder in the examples layout
+(:mod:`pipelines.data.example`, any text and vector fields). One sample per image: ``__key__`` = the
+sample's number in its shard side, ``json`` = the list of that image's examples
+(:meth:`Example.to_dict <pipelines.data.example.Example.to_dict>`; "image": the first vector field's
+id), in dataset order; the stream unlists them and shuffles examples, not images. Why not one sample per question: webdataset
 reads a tar member and decodes its JSON at a fixed cost per sample (~30 us on the 2-core dev VM,
 more than the record's tokenizing and batching), and a VQA image has about 5 questions. Packing
 is a storage detail: a run of records with one image id becomes one sample, cut where a shard is
@@ -11,7 +14,8 @@ simply make more samples. Shards are written through
 :class:`store.AtomicShardWriter` (``NAME.tmp``, renamed when complete), so a shard appears under its
 name only once whole. A shard folder holds ``train-000000.tar ...``, ``eval-000000.tar ...``,
 ``select-000000.tar ...`` if asked and, written last, ``manifest.json`` (how the shards were made,
-and the shard names and counts): a folder without a manifest is an unfinished run.
+the fields the examples hold, the metric, and the shard names and counts): a folder without a
+manifest is an unfinished run.
 
 The sides: ``train`` (trained on), ``eval`` (scored) and, optionally, ``select`` (a held-out slice
 of the train side's images, ``select_fraction``, on which ``fuse-train`` picks its best checkpoint
@@ -29,6 +33,8 @@ from store.format import now_iso
 
 from ..errors import DatasetExistsError, PipelineError, VQAFormatError
 from ..files import write_atomic
+from .example import (Example, example_splits, fields_of, group_key, is_examples_dir, read_dataset_info,
+                      read_examples)
 from .splits import split_records
 from .tokens import build_word_tokenizer
 from .vqa import MAX_QUESTION_CHARS, QARecord, discover_splits, read_vqa
@@ -36,18 +42,22 @@ from .vqa import MAX_QUESTION_CHARS, QARecord, discover_splits, read_vqa
 MANIFEST = "manifest.json"
 WORD_TOKENIZER = "tokenizer"
 MANIFEST_FORMAT = "where-to-fuse/qa-shards"
-MANIFEST_VERSION = 2  # 1: one sample per question (read no more: rebuild with `vqa-data shards`)
+MANIFEST_VERSION = 3  # 1: one sample per question; 2: VQA records (read no more: rebuild with `vqa-data shards`)
 SIDES = ("train", "select", "eval")  # select: only in folders written with a select fraction
 DEFAULT_EVAL_FRACTION = 0.2
 
 
 def record_dict(record) -> dict:
-    return record.to_dict() if isinstance(record, QARecord) else dict(record)
+    """An example's JSON form, from an :class:`Example`, a :class:`QARecord` or an example dict."""
+    if isinstance(record, QARecord):
+        record = record.to_example()
+    return record.to_dict() if isinstance(record, Example) else dict(record)
 
 
 def write_shards(records, pattern, shard_size: int = 1000, min_shards: int = 1) -> list:
-    """Write records to shards named by ``pattern`` (e.g. ``out/train-%06d.tar``), one sample per run
-    of records with the same image id (see the module docstring).
+    """Write examples to shards named by ``pattern`` (e.g. ``out/train-%06d.tar``), one sample per run
+    of examples with the same image id (:func:`~pipelines.data.example.group_key`; see the module
+    docstring).
 
     A shard is filled up to ``shard_size`` records. To give a small side ``min_shards`` shards, shard
     k also ends where an image's run of records ends once the shards so far hold k/``min_shards`` of
@@ -55,7 +65,7 @@ def write_shards(records, pattern, shard_size: int = 1000, min_shards: int = 1) 
     to be cut into ``min_shards`` shards of a record or two).
 
     Args:
-        records: :class:`QARecord` s or record dicts.
+        records: :class:`Example` s, their dicts or :class:`QARecord` s.
         pattern: shard path pattern with one ``%d``-style field.
         shard_size: at most this many records per shard.
         min_shards: make at least this many shards when there are enough images (so that nodes
@@ -82,7 +92,7 @@ def write_shards(records, pattern, shard_size: int = 1000, min_shards: int = 1) 
 
         for i, r in enumerate(records):
             d = record_dict(r)
-            if group and d.get("image_id") != group[0].get("image_id"):
+            if group and group_key(d) != group_key(group[0]):
                 write_group()
                 if written >= shards * share:  # this shard's share of min_shards, between two images
                     sink.next_shard()
@@ -103,8 +113,13 @@ def _refuse_existing(out: Path) -> None:
         raise DatasetExistsError(f"{out} already holds shards: write to another folder or delete it first")
 
 
+def _splits_of(source, annotated: bool = False) -> list:
+    return example_splits(source) if is_examples_dir(source) else discover_splits(source, annotated=annotated)
+
+
 def side_splits(vqa_dir, splits=None, train_splits=None, eval_splits=None, eval_fraction=None) -> dict:
-    """How the VQA splits of ``vqa_dir`` make the sides, checked before anything is read.
+    """How the splits of ``vqa_dir`` (VQA v2 or examples layout) make the sides, checked before
+    anything is read.
 
     Returns:
         ``{"train_splits", "eval_splits", "eval_fraction", "splits"}``: named sides (``eval_fraction``
@@ -122,7 +137,7 @@ def side_splits(vqa_dir, splits=None, train_splits=None, eval_splits=None, eval_
             raise ValueError(f"--eval-fraction {eval_fraction}: the eval side is --eval-splits "
                              f"{','.join(eval_splits)} whole; give one or the other")
         if train_splits is None:
-            train_splits = [s for s in discover_splits(vqa_dir, annotated=True) if s not in eval_splits]
+            train_splits = [s for s in _splits_of(vqa_dir, annotated=True) if s not in eval_splits]
             if not train_splits:
                 raise VQAFormatError(f"{vqa_dir}: no split with annotations besides --eval-splits "
                                      f"{','.join(eval_splits)} for the train side")
@@ -141,16 +156,30 @@ def side_splits(vqa_dir, splits=None, train_splits=None, eval_splits=None, eval_
             "eval_fraction": eval_fraction}
 
 
+def read_source(source, splits=None, check_images: bool = True, max_question_chars: int = MAX_QUESTION_CHARS,
+                images_root=None) -> tuple:
+    """``(examples, {"layout", "metric"})`` of a VQA v2 folder or an examples folder (see
+    :func:`write_qa_shards`)."""
+    if is_examples_dir(source):
+        info = read_dataset_info(source)
+        return read_examples(source, splits), {"layout": "examples", "metric": info["metric"]}
+    records = read_vqa(source, splits=splits, check_images=check_images, max_question_chars=max_question_chars,
+                       images_root=images_root)
+    return [r.to_example() for r in records], {"layout": "vqa-v2", "metric": "vqa"}
+
+
 def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_fraction: float | None = None,
                     shard_size: int = 1000, min_shards: int = 8, splits=None,
                     check_images: bool = True, max_question_chars: int = MAX_QUESTION_CHARS,
                     train_splits=None, eval_splits=None, select_fraction: float = 0.0,
                     images_root=None) -> dict:
-    """Read a VQA v2 folder, make the train and eval sides (and a select side if asked) and write them
+    """Read a dataset, make the train and eval sides (and a select side if asked) and write them
     as shards.
 
     Args:
-        vqa_dir: folder in the VQA v2 layout (the official data or :mod:`pipelines.data.shapes`).
+        vqa_dir: a folder in the VQA v2 layout (the official data or :mod:`pipelines.data.shapes`), or
+            in the examples layout (:mod:`pipelines.data.example`; ``check_images``,
+            ``max_question_chars`` and ``images_root`` do not apply).
         out: output folder; must not hold shards already.
         split_by, seed: see :func:`pipelines.data.splits.split_records` (for both random splits).
         eval_fraction: the share of the pooled splits that goes to eval (default 0.2); not with
@@ -178,8 +207,8 @@ def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_f
     if select_fraction and not 0 < select_fraction < 1:
         raise ValueError(f"--select-fraction {select_fraction}: must be between 0 and 1 (0: no select side)")
     _refuse_existing(out)
-    records = read_vqa(vqa_dir, splits=plan["splits"], check_images=check_images,
-                       max_question_chars=max_question_chars, images_root=images_root)
+    records, info = read_source(vqa_dir, plan["splits"], check_images, max_question_chars, images_root)
+    fields = fields_of(records)
     if plan["eval_splits"]:
         sides = {"train": [r for r in records if r.split in plan["train_splits"]],
                  "eval": [r for r in records if r.split in plan["eval_splits"]]}
@@ -200,20 +229,22 @@ def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_f
         "train_splits": plan["train_splits"], "eval_splits": plan["eval_splits"],
         "split_by": split_by, "seed": seed, "eval_fraction": plan["eval_fraction"],
         "select_fraction": select_fraction or None, "shard_size": shard_size,
-        "images": len({r.image_id for r in records}),
+        "layout": info["layout"], "fields": fields, "metric": info["metric"],
+        "images": len({group_key(r.to_dict()) for r in records}),
     }
     for side in SIDES:
         if side not in sides:
             continue
         recs = sides[side]
         paths = write_shards(recs, out / f"{side}-%06d.tar", shard_size=shard_size, min_shards=min_shards)
-        manifest[side] = {"count": len(recs), "images": len({r.image_id for r in recs}),
+        manifest[side] = {"count": len(recs), "images": len({group_key(r.to_dict()) for r in recs}),
                           "shards": [Path(p).name for p in paths]}
-    # A word-level tokenizer of the training side (questions and answers), for small vocabularies
-    # such as the shapes data: `fuse-train --tokenizer words` reads it from here.
+    # A word-level tokenizer of the training side (texts, targets and references), for small
+    # vocabularies such as the shapes data: `fuse-train --tokenizer words` reads it from here.
     train = sides["train"]
     manifest["word_vocab_size"] = build_word_tokenizer(
-        [r.question for r in train] + [a for r in train for a in r.answers], out / WORD_TOKENIZER)
+        [t for r in train for t in r.texts.values()] + [r.target for r in train] + [a for r in train for a in r.references],
+        out / WORD_TOKENIZER)
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 

@@ -25,27 +25,28 @@ records r, r+W, r+2W, ... (ranks differ by at most one record, none is read twic
 :meth:`pipelines.metrics.vqa.VQAScore.state` combine exactly), and a map-style ``DataLoader`` keeps that
 order whatever the number of workers.
 
-A batch is a dict:
+A batch is a dict (B examples, :mod:`pipelines.data.example`):
 
 ================== ============================ ==============================================
 key                type                         what
 ================== ============================ ==============================================
-``input_ids``      int64 tensor (B, Lq)         question tokens, right padded with pad id
-``attention_mask`` int64 tensor (B, Lq)         1 for question tokens, 0 for padding
-``labels``         int64 tensor (B, La)         target answer tokens (with EOS), -100 padding
-``vectors``        dict name -> tensor (B, ...) each modality's values, e.g. (B, 196, 768), in
-                                                the cache's dtype (float16, bfloat16, float32)
-``ids``            dict name -> list of B str   each modality's ids
-``question_id``    int64 tensor (B,)
-``image_id``       list of B str
-``question``       list of B str                cut to :func:`pipelines.data.tokens.char_limit`
+``tokens``         dict name -> (ids, mask)     each fused text field's tokens, int64 (B, L),
+                                                right padded with pad id; mask 1 for tokens
+``labels``         int64 tensor (B, La)         target tokens (with EOS), -100 padding
+``vectors``        dict name -> tensor (B, ...) each vector field's cache values, e.g.
+                                                (B, 196, 768), in the cache's dtype (float16,
+                                                bfloat16, float32)
+``ids``            dict name -> list of B str   each vector field's ids (its cache keys)
+``id``             list of B int or str         the examples' ids (VQA: question ids)
+``texts``          dict name -> list of B str   each fused text field, cut to
+                                                :func:`pipelines.data.tokens.char_limit`
                                                 characters (2,048 for 128 tokens)
-``answers``        list of B lists of 10 str    for :class:`pipelines.metrics.vqa.VQAScore` (empty
-                                                for a question without annotations)
-``answer_type``    list of B str
-``question_type``  list of B str                the official question type ("" if none)
-``target``         list of B str                the most frequent answer (the labels' text), cut
-                                                as the question
+``target``         list of B str                the target (the labels' text), cut likewise
+``references``     list of B lists of str       what the metric scores against (VQA: 10
+                                                answers; empty for an example without
+                                                annotations)
+``groups``         list of B dicts              what the score is broken down by (VQA:
+                                                ``answer_type``, ``question_type``)
 ================== ============================ ==============================================
 """
 
@@ -63,7 +64,6 @@ from store import CacheReader
 
 from ..errors import PipelineError
 from .batch import (
-    DEFAULT_ID_FIELD,
     AttachVectors,
     Collate,
     DropMissing,
@@ -74,7 +74,8 @@ from .preflight import PreflightReport, preflight
 
 log = logging.getLogger(__name__)
 
-RECORD_FIELDS = ("question_id", "image_id", "question", "answers", "answer_type")
+RECORD_FIELDS = ("id", "texts", "vectors", "target", "references")  # pipelines.data.example
+DEFAULT_TEXTS = {"question": 128}
 
 
 @dataclass
@@ -83,9 +84,11 @@ class StreamConfig:
 
     Attributes:
         shards: shard paths, or one brace pattern (``qa/train-{000000..000007}.tar``).
-        caches: modality name -> cache path, e.g. ``{"image": "cache/"}`` (``--cache image=PATH``); none
-            for a question-only model.
-        id_fields: modality -> the record field holding its id (default ``image_id``).
+        caches: vector field -> cache path, e.g. ``{"image": "cache/"}`` (``--cache image=PATH``); none
+            for a text-only model. Each is looked up by the example's own id for that field.
+        texts: text field -> its token limit, e.g. ``{"question": 128, "title": 32}``: the text fields
+            the batches carry (longer texts are truncated; ByT5 tokens are bytes: the shapes
+            questions take up to 70).
         expect: modality -> partial cache metadata the model needs, e.g.
             ``{"image": {"shape": [196, 768], "producer": {"model": "vit_base_patch16_224"}}}``.
         tokenizer: ``byt5`` (no files needed) or a Hugging Face tokenizer name or folder.
@@ -96,13 +99,12 @@ class StreamConfig:
         resample: draw training shards with replacement, endlessly (for DDP; count steps).
         allow_missing: drop records whose id a cache lacks instead of failing (counted by
             :func:`preflight`).
-        max_question_len, max_answer_len: token limits, longer texts are truncated (ByT5 tokens are
-            bytes: the shapes questions take up to 70).
+        max_answer_len: the target's token limit.
     """
 
     shards: list
     caches: dict
-    id_fields: dict = field(default_factory=dict)
+    texts: dict = field(default_factory=lambda: dict(DEFAULT_TEXTS))
     expect: dict = field(default_factory=dict)
     tokenizer: str = "byt5"
     batch_size: int = 32
@@ -111,7 +113,6 @@ class StreamConfig:
     seed: int = 0
     resample: bool = False
     allow_missing: bool = False
-    max_question_len: int = 128
     max_answer_len: int = 32
 
     def __post_init__(self):
@@ -121,18 +122,20 @@ class StreamConfig:
         if not self.shards:
             raise ValueError("--shards: no shard files given")
         self.caches = {str(k): v for k, v in self.caches.items()}
-        for name in list(self.id_fields) + list(self.expect):
+        for name in self.expect:
             if name not in self.caches:
-                raise ValueError(f"--cache {name}=PATH: {name!r} has an id field or expectation but no cache")
+                raise ValueError(f"--cache {name}=PATH: {name!r} has an expectation but no cache")
+        both = sorted(set(self.texts) & set(self.caches))
+        if both:
+            raise ValueError(f"--cache {both[0]}=PATH: {both[0]!r} is a text field, not a vector field")
+        for name, n in self.texts.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"--text-len {name}={n}: must be a positive integer")
         for what, n, low in (("--batch-size", self.batch_size, 1), ("--num-workers", self.num_workers, 0),
                              ("--shuffle-buffer", self.shuffle_buffer, 0),
-                             ("--max-question-len", self.max_question_len, 1),
                              ("--max-answer-len", self.max_answer_len, 2)):
             if not isinstance(n, int) or n < low:
                 raise ValueError(f"{what} {n}: must be an integer >= {low}")
-
-    def id_field(self, modality: str) -> str:
-        return self.id_fields.get(modality, DEFAULT_ID_FIELD)
 
 
 def rank_info():
@@ -151,18 +154,20 @@ def decode_json(key: str, data: bytes):
 
 
 def parse_records(sample: dict) -> list:
-    """A decoded tar sample -> its QA record dicts (one image's questions: :mod:`pipelines.data.shards`),
+    """A decoded tar sample -> its example dicts (one image's questions: :mod:`pipelines.data.shards`),
     each checked for the fields the stream needs."""
     recs = sample.get("json")
     where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
     if not isinstance(recs, list):
-        raise PipelineError(f"{where}: no JSON list of records")
+        raise PipelineError(f"{where}: no JSON list of examples (shards of another version? write them again "
+                            "with `vqa-data shards`)")
     for i, rec in enumerate(recs):
         if not isinstance(rec, dict):
-            raise PipelineError(f"{where}: record {i} is not a JSON object")
+            raise PipelineError(f"{where}: example {i} is not a JSON object")
         for name in RECORD_FIELDS:
             if name not in rec:
-                raise PipelineError(f"{where}: record {i} has no {name}")
+                raise PipelineError(f"{where}: example {i} has no {name} (shards of another version? write them "
+                                    "again with `vqa-data shards`)")
     return recs
 
 
@@ -194,8 +199,7 @@ def open_caches(config: "StreamConfig") -> dict:
 
 
 def make_collate(config: "StreamConfig") -> Collate:
-    collate = Collate({name: config.id_field(name) for name in config.caches}, config.tokenizer,
-                      config.max_question_len, config.max_answer_len)
+    collate = Collate(config.texts, list(config.caches), config.tokenizer, config.max_answer_len)
     collate.tokenizer  # a bad tokenizer fails here, not in a worker (it is not pickled)
     return collate
 
@@ -223,8 +227,7 @@ def check_stream(config: StreamConfig, readers: dict | None = None) -> Preflight
         config: the side to check.
         readers: the caches, as :func:`open_caches` returns them (opened here if ``None``).
     """
-    return preflight(read_records(config.shards), readers or open_caches(config), config.id_fields,
-                     config.allow_missing)
+    return preflight(read_records(config.shards), readers or open_caches(config), config.allow_missing)
 
 
 def check_shards(shard_dir, caches: dict, expect: dict | None = None) -> dict:
@@ -276,7 +279,7 @@ def train_pipeline(config: StreamConfig, epoch: int = 0, readers: dict | None = 
         wds.map(parse_records),  # one image's records
         unlisted(),  # -> records
         Shuffle(config.shuffle_buffer, config.seed, epoch),
-        DropMissing(readers or open_caches(config), config.id_fields) if config.allow_missing else None,  # None: no stage
+        DropMissing(readers or open_caches(config)) if config.allow_missing else None,  # None: no stage
         wds.batched(config.batch_size, collation_fn=make_collate(config), partial=True),
     )
 
@@ -333,7 +336,7 @@ def eval_loader(config: StreamConfig, rank: int | None = None, world_size: int |
         rank, world_size = rank_info()
     readers = readers or open_caches(config)
     records = read_records(config.shards) if records is None else records
-    report = preflight(records, readers, config.id_fields, config.allow_missing)
+    report = preflight(records, readers, config.allow_missing)
     kept = report.kept[:limit] if limit else report.kept
     kw = {"num_workers": config.num_workers, **loader_kw}
     if kw["num_workers"] == 0:

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import VQAFormatError
+from ..metrics.vqa import target_answer
+from .example import Example
 
 ANSWERS_PER_QUESTION = 10
 # VQA v2 questions are under 300 characters; a longer one is a broken file, and a huge one would be
@@ -96,6 +98,15 @@ class QARecord:
         d = asdict(self)
         d["answers"] = list(self.answers)
         return d
+
+    def to_example(self):
+        """The record as an :class:`~pipelines.data.example.Example`: the question is the ``question``
+        text, the image the ``image`` vector, the 10 answers the references and the most frequent
+        one the target; answer and question type are the groups the score is broken down by."""
+        groups = {"answer_type": self.answer_type, **({"question_type": self.question_type} if self.question_type else {})}
+        return Example(id=self.question_id, texts={"question": self.question}, vectors={"image": self.image_id},
+                       target=target_answer(self.answers) if self.answers else "", references=tuple(self.answers),
+                       groups=groups if self.answer_type else {}, split=self.split)
 
     @classmethod
     def from_dict(cls, d: dict) -> "QARecord":

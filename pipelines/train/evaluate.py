@@ -52,10 +52,11 @@ def _progress_bar(total: int, progress, desc: str):
 
 @torch.inference_mode()
 def evaluate(model, loader, tokenizer, modalities, accelerator, max_new_tokens: int, progress=None,
-             threads=None, predictions: list | None = None, desc: str = "eval") -> dict:
-    """VQA accuracy and exact match (overall, by answer type and by question type) over this rank's
-    share of ``loader``, summed over ranks. Questions without answers (a test split) are answered
-    and not scored.
+             threads=None, predictions: list | None = None, desc: str = "eval", metric: str = "vqa") -> dict:
+    """The data's metric (VQA accuracy, or ``exact``: a match with a label) and exact match, overall
+    and by the examples' groups (VQA: by answer type and by question type), over this rank's share of
+    ``loader``, summed over ranks. Examples without references (a test split) are answered and not
+    scored.
 
     Args:
         model: the (possibly wrapped) fused T5.
@@ -66,29 +67,31 @@ def evaluate(model, loader, tokenizer, modalities, accelerator, max_new_tokens: 
         max_new_tokens: answer length limit.
         progress: a progress bar with the rate on stderr: True, False, or None (only on a terminal).
         threads: torch CPU threads during the evaluation (``None``: as they are).
-        predictions: if a list, ``(question_id, answer)`` of this rank's questions are appended to it,
+        predictions: if a list, ``(example id, answer)`` of this rank's examples are appended to it,
             in order.
         desc: the progress bar's label.
+        metric: ``vqa`` or ``exact`` (the shards' manifest says which).
     """
     unwrapped = accelerator.unwrap_model(model)
     was_training = unwrapped.training
     unwrapped.eval()
-    score = VQAScore()
+    score = VQAScore(metric)
     with torch_threads(threads), _progress_bar(len(loader.loader.dataset), progress, desc) as bar:
         for batch in loader:
             with accelerator.autocast():
                 ids = unwrapped.generate(modalities=model_inputs(batch, modalities, accelerator.device),
                                          max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
             answers = decode_batch(tokenizer, ids)
-            scored = [i for i, refs in enumerate(batch["answers"]) if refs]
-            score.add_batch([answers[i] for i in scored], [batch["answers"][i] for i in scored],
-                            [batch["answer_type"][i] for i in scored], [batch["question_type"][i] for i in scored])
+            for i, refs in enumerate(batch["references"]):
+                if refs:
+                    groups = batch["groups"][i]
+                    score.add(answers[i], refs, groups.get("answer_type") or "all", groups.get("question_type", ""))
             if predictions is not None:
-                predictions.extend(zip(batch["question_id"].tolist(), answers))
+                predictions.extend(zip(batch["id"], answers))
             bar.update(len(answers))
     unwrapped.train(was_training)
     if accelerator.num_processes > 1:
-        total = VQAScore()
+        total = VQAScore(metric)
         for state in accelerator.gather_for_metrics([score.state()], use_gather_object=True):
             total.merge(state)
         score = total
@@ -155,7 +158,7 @@ class ScoreConfig:
 
 
 def split_records(cfg: TrainConfig, config: ScoreConfig) -> tuple:
-    """``(records as dicts, VQA folder)`` of ``config.split``, with or without annotations."""
+    """``(examples as dicts, VQA folder)`` of ``config.split``, with or without annotations."""
     from ..data.shards import read_manifest
     from ..data.vqa import read_split
 
@@ -167,7 +170,7 @@ def split_records(cfg: TrainConfig, config: ScoreConfig) -> tuple:
             raise PipelineError(f"--split {config.split}: give the VQA folder with --vqa-dir (the shards' "
                                 f"source is unknown: {e})") from None
     records = read_split(vqa_dir, config.split, check_images=False, require_annotations=False)
-    return [r.to_dict() for r in records], vqa_dir
+    return [r.to_example().to_dict() for r in records], vqa_dir
 
 
 def score(model, run: dict, tokenizer, config: ScoreConfig | None = None) -> dict:
@@ -205,7 +208,7 @@ def score(model, run: dict, tokenizer, config: ScoreConfig | None = None) -> dic
     predictions = [] if config.results_file else None
     summary = evaluate(model, loader, tokenizer, model.config.fusion().modalities(), accelerator,
                        cfg.max_new_tokens, progress=config.progress, threads=threads, predictions=predictions,
-                       desc=config.what())
+                       desc=config.what(), metric="vqa" if config.split else run_metric(run, cfg))
     summary["answered"] = len(loader.loader.dataset)
     summary["scored"] = config.what()
     if config.results_file:
@@ -214,27 +217,65 @@ def score(model, run: dict, tokenizer, config: ScoreConfig | None = None) -> dic
     return summary
 
 
+def run_metric(run: dict, cfg: TrainConfig) -> str:
+    """The metric of a run's data: its checkpoint's record, else its shards' manifest."""
+    if "metric" in run:
+        return run["metric"]
+    from ..data.shards import read_manifest
+
+    return read_manifest(cfg.shards).get("metric", "vqa")
+
+
 def write_results_file(path, predictions) -> None:
-    """The VQA evaluation server's results format: ``[{"question_id": int, "answer": str}, ...]``."""
+    """The VQA evaluation server's results format: ``[{"question_id": int, "answer": str}, ...]`` (an id
+    that is not an integer, of another dataset, is written as it is)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps([{"question_id": int(qid), "answer": answer} for qid, answer in predictions]))
+    write_atomic(path, json.dumps([{"question_id": int(qid) if isinstance(qid, int) or str(qid).isdigit() else qid,
+                                    "answer": answer} for qid, answer in predictions]))
 
 
-def answer_one(model, run: dict, tokenizer, image: str, question: str, max_new_tokens: int = 16) -> str:
-    """Run the cache's ViT on ``image`` and the fused T5 on it and ``question``."""
+def answer_one(model, run: dict, tokenizer, texts: dict, files: dict, max_new_tokens: int = 16) -> str:
+    """The fused T5's answer for one example given by hand: each text field's text, and each vector
+    field's file, embedded by the model that made its cache (rebuilt from the cache's metadata; an
+    image field's ViT).
+
+    Args:
+        texts: text field -> text (``fuse-eval --field question="..."``).
+        files: vector field -> file (``--file image=PATH``).
+
+    Raises:
+        ValueError: a field the model fuses is not given, or one it does not fuse is (exit 2).
+        PipelineError: the checkpoint does not record how a field's embeddings were made.
+    """
     from ..data.online import ImageEmbedder, load_vit
 
-    text = run["text_modality"]
-    ids, mask = tokenizer.encode_batch([question], max_length=128)
-    inputs = {text: (ids, mask)}
-    for name in model.config.fusion().modalities():
-        if name == text:
-            continue
-        if name not in run["producers"]:
-            raise PipelineError(f"modality {name!r}: the checkpoint does not record how its embeddings were made")
-        embedder = ImageEmbedder(load_vit(run["producers"][name]), vqa_dir=Path("."))
-        inputs[name] = embedder.embed_paths([image])
+    cfg = model.config
+    fused = cfg.fusion().modalities()
+    lens = run.get("text_fields") or {run.get("text_modality", "question"): 128}  # older runs: the question
+    wanted_texts = [n for n in fused if cfg.is_text(n)]
+    wanted_files = [n for n in fused if not cfg.is_text(n)]
+    for name in texts:
+        if name not in wanted_texts:
+            raise ValueError(f"--field {name}: the model fuses no text field {name!r} (its text fields: "
+                             f"{', '.join(wanted_texts) or 'none'})")
+    for name in files:
+        if name not in wanted_files:
+            raise ValueError(f"--file {name}: the model fuses no vector field {name!r} (its vector fields: "
+                             f"{', '.join(wanted_files) or 'none'})")
+    missing = [f"--field {n}=TEXT" for n in wanted_texts if n not in texts] + \
+              [f"--file {n}=PATH" for n in wanted_files if n not in files]
+    if missing:
+        raise ValueError(f"the model fuses {', '.join(fused)}: give {', '.join(missing)} too")
+    inputs = {}
+    for name in wanted_texts:
+        inputs[name] = tokenizer.encode_batch([texts[name]], max_length=lens.get(name, 128))
+    for name in wanted_files:
+        producer = run["producers"].get(name)
+        if producer is None:
+            raise PipelineError(f"vector field {name!r}: the checkpoint does not record how its embeddings were made")
+        embedder = ImageEmbedder(load_vit(producer), vqa_dir=Path("."))
+        inputs[name] = embedder.embed_paths([files[name]])
     with torch.inference_mode():
         out = model.generate(modalities=inputs, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
     return decode_batch(tokenizer, out)[0]

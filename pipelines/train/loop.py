@@ -36,11 +36,12 @@ import torch
 
 from fuse import FusionT5ForConditionalGeneration, train_step_flops
 
-from ..data.shards import selection_side
+from ..data.shards import read_manifest, selection_side
 from ..data.stream import check_stream, eval_loader, open_caches
 from ..data.tokens import load_tokenizer
 from ..errors import PipelineError, ResumeError, TrainingDiverged
 from ..files import existing_dir, write_atomic
+from ..metrics.vqa import metric_name
 from .checkpoint import (
     RUN_FILE,
     TRAINER_STATE,
@@ -50,7 +51,7 @@ from .checkpoint import (
     read_checkpoint_json,
     save_checkpoint,
 )
-from .config import RESUME_MAY_CHANGE, TEXT, TrainConfig
+from .config import RESUME_MAY_CHANGE, TrainConfig
 from .evaluate import evaluate
 from .model import build_model, make_optimizer, make_schedule, model_inputs
 from .streams import batches, stream_configs
@@ -73,6 +74,7 @@ class RunData:
     tokenizer: object
     shapes: dict  # modality -> value shape of its cache
     run: dict  # the record saved in every checkpoint (fuse_run.json)
+    metric: str = "vqa"  # the data's metric (pipelines.data.example.METRICS)
 
 
 @dataclass
@@ -163,6 +165,8 @@ def open_data(cfg: TrainConfig, accelerator, train_checked: bool = False) -> Run
     Args:
         train_checked: the caller (a sweep) has run the train side's pre-flight check already.
     """
+    manifest = read_manifest(cfg.shards)
+    cfg.check_fields(manifest["fields"], f"the shards in {cfg.shards}")  # a field the data lacks: before any step
     selection = selection_side(cfg.shards)
     rank, world = accelerator.process_index, accelerator.num_processes
     train_sc, select_sc = stream_configs(cfg, world, eval_side=selection)
@@ -177,8 +181,9 @@ def open_data(cfg: TrainConfig, accelerator, train_checked: bool = False) -> Run
         final = eval_loader(eval_sc, rank, world, readers)
     shapes = {name: tuple(reader.meta.shape) for name, reader in readers.items()}
     run = {"config": cfg.to_dict(), "producers": {name: r.meta.producer for name, r in readers.items()},
-           "tokenizer": train_sc.tokenizer, "text_modality": TEXT}
-    return RunData(train_sc, readers, evals, final, selection, load_tokenizer(train_sc.tokenizer), shapes, run)
+           "tokenizer": train_sc.tokenizer, "text_fields": cfg.text_lens(), "metric": manifest["metric"]}
+    return RunData(train_sc, readers, evals, final, selection, load_tokenizer(train_sc.tokenizer), shapes, run,
+                   manifest["metric"])
 
 
 def init_model(cfg: TrainConfig, data: RunData, last: Path):
@@ -201,9 +206,11 @@ def init_model(cfg: TrainConfig, data: RunData, last: Path):
 def make_online_embedder(cfg: TrainConfig, producers: dict, device):
     """``--image-source online``: the cache's own ViT, rebuilt from its metadata, over the image files."""
     from ..data.online import ImageEmbedder, load_vit
-    from ..data.shards import read_manifest
 
     manifest = read_manifest(cfg.shards)
+    if manifest["layout"] != "vqa-v2":
+        raise ValueError(f"--image-source online: reads the images of a VQA v2 folder; the shards in {cfg.shards} "
+                         f"were made from the {manifest['layout']} layout: train from the cache")
     images = manifest.get("images_root") or manifest["source"]  # --images-root, else the VQA folder
     return ImageEmbedder(load_vit(producers["image"], device), images, manifest.get("splits", ["train"]),
                          threads=max(1, cfg.num_workers))
@@ -212,7 +219,7 @@ def make_online_embedder(cfg: TrainConfig, producers: dict, device):
 def step_flops(cfg: TrainConfig, model, batch: dict, shapes: dict) -> float:
     """FLOPs of one optimizer step at this batch's padded lengths."""
     fused = cfg.fused_modalities()
-    lens = {TEXT: batch["input_ids"].shape[1], **{k: s[0] for k, s in shapes.items() if k in fused}}
+    lens = {**{k: ids.shape[1] for k, (ids, _) in batch["tokens"].items()}, **{k: s[0] for k, s in shapes.items() if k in fused}}
     return train_step_flops(model.config, cfg.batch_size * cfg.grad_accum, lens, batch["labels"].shape[1]).train_step
 
 
@@ -260,11 +267,15 @@ def eval_kw(cfg, accelerator, desc: str) -> dict:
     return dict(progress=None if accelerator.is_main_process and cfg.progress else False, desc=desc)
 
 
+def _scored(metrics: dict) -> str:
+    return f"{metric_name(metrics['metric'])} {100 * metrics['accuracy']:.2f}% (exact match {100 * metrics['exact_match']:.2f}%"
+
+
 def eval_and_checkpoint(cfg, accelerator, model, optimizer, schedule, data: RunData, state: dict, writer, bar) -> None:
     """Score the selection side; keep the best checkpoint and write the last one (main process)."""
     step = state["step"]
     metrics = evaluate(model, data.evals, data.tokenizer, cfg.fused_modalities(), accelerator,
-                       cfg.max_new_tokens, **eval_kw(cfg, accelerator, f"eval ({data.selection} side)"))
+                       cfg.max_new_tokens, metric=data.metric, **eval_kw(cfg, accelerator, f"eval ({data.selection} side)"))
     entry = {"step": step, **metrics}
     state["history"].append(entry)
     improved = state["best"] is None or metrics["accuracy"] > state["best"]["accuracy"]
@@ -276,8 +287,7 @@ def eval_and_checkpoint(cfg, accelerator, model, optimizer, schedule, data: RunD
         for kind, m in metrics["by_answer_type"].items():
             writer.add_scalar(f"eval/accuracy_{kind}", m["accuracy"], step)
         side = "" if data.selection == "eval" else f" on the {data.selection} side"
-        bar.write(f"step {step}: VQA accuracy {100 * metrics['accuracy']:.2f}% "
-                  f"(exact match {100 * metrics['exact_match']:.2f}%){side}", file=sys.stderr)  # stdout: --json
+        bar.write(f"step {step}: {_scored(metrics)}){side}", file=sys.stderr)  # stdout: --json
         last, best = checkpoint_dirs(cfg.out)
         unwrapped = accelerator.unwrap_model(model)
         if improved:
@@ -294,13 +304,12 @@ def score_best(cfg, accelerator, model, data: RunData, state: dict, writer, bar)
         weights = FusionT5ForConditionalGeneration.from_pretrained(existing_dir(best)).state_dict()
         accelerator.unwrap_model(model).load_state_dict(weights)
     metrics = evaluate(model, data.final, data.tokenizer, cfg.fused_modalities(), accelerator, cfg.max_new_tokens,
-                       **eval_kw(cfg, accelerator, "eval (eval side, best checkpoint)"))
+                       metric=data.metric, **eval_kw(cfg, accelerator, "eval (eval side, best checkpoint)"))
     entry = {"step": state["best"]["step"], "side": "eval", "checkpoint": str(best), **metrics}
     if accelerator.is_main_process:
         writer.add_scalar("final/eval_accuracy", metrics["accuracy"], entry["step"])
-        bar.write(f"best checkpoint (step {entry['step']}) on the eval side: VQA accuracy "
-                  f"{100 * metrics['accuracy']:.2f}% (exact match {100 * metrics['exact_match']:.2f}%, "
-                  f"{metrics['count']} questions)", file=sys.stderr)
+        bar.write(f"best checkpoint (step {entry['step']}) on the eval side: {_scored(metrics)}, "
+                  f"{metrics['count']} examples)", file=sys.stderr)
     return entry
 
 
@@ -311,7 +320,7 @@ def results_of(cfg, accelerator, model, state: dict, meter: Meter, flops, data: 
     return {
         "stopped": state["step"] < cfg.steps,
         "best": state["best"], "last": state["history"][-1] if state["history"] else None,
-        "selection_side": data.selection, "eval": final,
+        "metric": data.metric, "selection_side": data.selection, "eval": final,
         "steps_per_s": meter.steps / elapsed if elapsed else None,
         "samples_per_s": meter.samples / elapsed if elapsed else None,
         "stream_wait_fraction": meter.wait / elapsed if elapsed else None,
@@ -374,13 +383,13 @@ def train(cfg: TrainConfig, *, train_checked: bool = False) -> dict:
         epoch, index, batch = next(stream)
         t1 = time.perf_counter()
         if online is not None:  # the ViT on the pixels, instead of the cache's values: part of the step
-            batch["vectors"]["image"] = online(batch["image_id"])
+            batch["vectors"]["image"] = online(batch["ids"]["image"])
         if flops is None:  # counted on the first batch, from its padded lengths
             flops = step_flops(cfg, accelerator.unwrap_model(model), batch, data.shapes)
         meter.window.append(train_step(cfg, accelerator, model, optimizer, schedule, batch, state, last))
         meter.wait += t1 - t0
         meter.compute += time.perf_counter() - t1
-        meter.samples += len(batch["answers"]) * accelerator.num_processes
+        meter.samples += len(batch["id"]) * accelerator.num_processes
         state["epoch"], state["batch_in_epoch"] = epoch, index + 1
         if not accelerator.sync_gradients:
             continue

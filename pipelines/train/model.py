@@ -5,7 +5,7 @@ import torch
 
 from fuse import T5_PRESETS, FusionT5Config, FusionT5ForConditionalGeneration
 
-from .config import TEXT, TrainConfig
+from .config import TrainConfig
 
 
 def build_model(cfg: TrainConfig, dims: dict, lengths: dict, vocab_size: int) -> FusionT5ForConditionalGeneration:
@@ -18,7 +18,7 @@ def build_model(cfg: TrainConfig, dims: dict, lengths: dict, vocab_size: int) ->
         vocab_size: the tokenizer's vocabulary (for a preset architecture).
     """
     fused = cfg.fused_modalities()
-    fusion = dict(fusion_spec=cfg.fuse, pool=cfg.pool or None, text_modalities=[TEXT],
+    fusion = dict(fusion_spec=cfg.fuse, pool=cfg.pool or None, text_modalities=cfg.text_fields(),
                   modality_dims={k: v for k, v in dims.items() if k in fused},
                   modality_lengths={k: v for k, v in lengths.items() if k in fused},
                   modality_positions=cfg.position_modalities())
@@ -31,13 +31,14 @@ def build_model(cfg: TrainConfig, dims: dict, lengths: dict, vocab_size: int) ->
                                                     config_overrides={"dropout_rate": cfg.dropout}, **fusion)
 
 
-def model_inputs(batch: dict, modalities, device, text: str = TEXT) -> dict:
-    """The ``modalities`` argument of the fused T5 from a stream batch (only the fused ones)."""
+def model_inputs(batch: dict, modalities, device) -> dict:
+    """The ``modalities`` argument of the fused T5 from a stream batch (only the fused ones): a text
+    field's ``(ids, mask)``, a vector field's values as float32."""
     out = {}
     for name in modalities:
-        if name == text:
-            out[name] = (batch["input_ids"].to(device, non_blocking=True),
-                         batch["attention_mask"].to(device, non_blocking=True))
+        if name in batch["tokens"]:
+            ids, mask = batch["tokens"][name]
+            out[name] = (ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
         else:
             out[name] = batch["vectors"][name].to(device, non_blocking=True).float()
     return out

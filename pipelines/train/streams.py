@@ -6,8 +6,8 @@ from .config import TrainConfig
 
 
 def stream_settings(cfg: TrainConfig) -> dict:
-    """What every stream of a run shares: caches, tokenizer, workers, seed, limits."""
-    return dict(caches=cfg.caches, expect=cfg.expect, tokenizer=cfg.tokenizer_path(), num_workers=cfg.num_workers,
+    """What every stream of a run shares: caches, text fields, tokenizer, workers, seed, limits."""
+    return dict(caches=cfg.caches, texts=cfg.text_lens(), expect=cfg.expect, tokenizer=cfg.tokenizer_path(), num_workers=cfg.num_workers,
                 seed=cfg.seed, allow_missing=cfg.allow_missing, max_answer_len=cfg.max_answer_len)
 
 
