@@ -246,7 +246,8 @@ def test_cli_vqa_v2_protocol_flags(tmp_path):
     r = run(*protocol, "--images-root", coco)
     assert r.exit_code == 0, r.output
     assert r.output == ("train: 16 questions, 8 images, 8 shards; select: 4 questions, 2 images, 2 shards; "
-                        f"eval: 8 questions, 4 images, 4 shards -> {out}\n")
+                        f"eval: 8 questions, 4 images, 4 shards -> {out} (text fields: question; vector fields: "
+                        "image; metric: vqa)\n")
     with CacheWriter(tmp_path / "cache", shape=(4, 8)) as w:
         for image_id in [*range(1, 11), *range(101, 105)]:
             w.put(str(image_id), np.zeros((4, 8)))

@@ -195,3 +195,57 @@ def test_fuse_eval_answers_one_example_given_field_by_field(tmp_path):
     assert r.returncode == 2 and "the model fuses note, question, image: give --field question=TEXT too" in r.stderr
     r = run_cli(*one, "--field", "title=x")
     assert r.returncode == 2 and "--field title: the model fuses no text field 'title'" in r.stderr
+
+
+# ---- captions: BLEU-4 and CIDEr-D of the COCO caption evaluation -------------------------------------
+
+CAPTIONS = {"1": ["A man is playing a guitar.", "Someone plays the guitar on stage."],
+            "2": ["A dog runs across the grass.", "The brown dog is running in a field."]}
+
+
+def test_caption_scores_are_the_coco_evaluations():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    from pipelines.metrics.captions import CaptionScore
+
+    preds = {"1": "a man playing a guitar", "2": "a dog running in a field"}
+    whole, ranks = CaptionScore(), [CaptionScore(), CaptionScore()]
+    for i, (key, refs) in enumerate(CAPTIONS.items()):
+        whole.add(preds[key], refs, "other", f"type {key}")
+        ranks[i].add(preds[key], refs, "other", f"type {key}")
+    merged = CaptionScore().merge(ranks[0]).merge(ranks[1].state())  # as the ranks' states are gathered
+    summary = whole.summary()
+    assert merged.summary() == summary and summary["metric"] == "caption" and summary["count"] == 2
+    # the scorers on the PTB tokenizer's output (lower case, punctuation dropped), by hand
+    gts = {"1": ["a man is playing a guitar", "someone plays the guitar on stage"],
+           "2": ["a dog runs across the grass", "the brown dog is running in a field"]}
+    res = {k: [v] for k, v in preds.items()}
+    assert summary["bleu4"] == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0][3])
+    assert summary["cider"] == summary["accuracy"] == pytest.approx(Cider().compute_score(gts, res)[0])
+    assert 0 < summary["bleu4"] < 1 and summary["exact_match"] == 0.0
+    assert set(summary["by_question_type"]) == {"type 1", "type 2"}
+    perfect = CaptionScore()
+    for refs in CAPTIONS.values():
+        perfect.add(refs[0], refs)
+    assert perfect.summary()["bleu4"] == pytest.approx(1.0) and perfect.summary()["exact_match"] == 1.0
+    assert perfect.summary()["cider"] > summary["cider"]
+
+
+def test_a_caption_dataset_is_scored_with_cider_and_bleu(multi, tmp_path):
+    data = tmp_path / "captions"
+    examples = [{**example(n), "target": f"a caption of clip {n // 3}",
+                 "references": [f"a caption of clip {n // 3}", f"clip {n // 3} described"]} for n in range(40)]
+    write_examples(data, "train", examples[:30])
+    write_examples(data, "val", examples[30:])
+    (data / "dataset.json").write_text(json.dumps({"format": "where-to-fuse/examples", "metric": "caption"}))
+    write_qa_shards(data, tmp_path / "qa", train_splits=["train"], eval_splits=["val"], min_shards=1)
+    r = run_cli("pipelines.cli.train", "--shards", tmp_path / "qa", "--cache", f"audio={multi / 'audio'}",
+                "--fuse", "0:question 1:audio", "--t5", "demo", "--steps", "2", "--eval-every", "2", "--batch-size",
+                "8", "--num-workers", "0", "--out", tmp_path / "run", "--json")
+    assert r.returncode == 0, r.stderr
+    best = json.loads(r.stdout)["best"]
+    assert best["metric"] == "caption" and best["count"] == 10 and best["accuracy"] == best["cider"] >= 0
+    assert "bleu4" in best and "CIDEr-D" in r.stderr
+    r = run_cli("pipelines.cli.eval", tmp_path / "run")
+    assert r.returncode == 0 and "CIDEr-D   BLEU-4" in r.stdout, r.stderr

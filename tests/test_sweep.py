@@ -303,7 +303,7 @@ def test_vqa_folder_split_by_question_and_a_split_that_differs(data, tmp_path):
 def two_fields(data, tmp_path_factory):
     """The shapes data as examples with a second vector field, ``depth``, keyed like the image, sharded
     as ``data``'s are."""
-    from pipelines.data.example import Example, write_examples
+    from pipelines.data.example import write_examples
     from pipelines.data.shards import write_qa_shards
     from pipelines.data.vqa import read_vqa
 

@@ -240,7 +240,7 @@ def test_fuse_eval_scores_a_vqa_split_and_writes_the_results_file(data, tmp_path
     res = CliRunner().invoke(eval_main, [run, "--split", "test-dev", "--vqa-dir", str(tmp_path / "vqa"),
                                          "--results-file", str(tmp_path / "out/test-dev.json")])
     assert res.exit_code == 0, res.output
-    assert res.output.endswith(f"37 questions answered (test-dev split: no annotations, not scored)\n")
+    assert res.output.endswith("37 questions answered (test-dev split: no annotations, not scored)\n")
     assert f"37 answers (test-dev split) -> {tmp_path / 'out/test-dev.json'}" in res.output
     assert json.loads((tmp_path / "out/test-dev.json").read_text()) == results[:37]
     # what does not go together: exit 2

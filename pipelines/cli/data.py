@@ -145,18 +145,20 @@ def shards(vqa_dir, out, train_splits, eval_splits, select_fraction, splits, eva
                                train_splits=_split_list(train_splits), eval_splits=_split_list(eval_splits),
                                select_fraction=select_fraction, images_root=images_root,
                                check_images=not no_check_images, max_question_chars=max_question_chars)
-    parts = []
+    parts, what = [], "questions" if manifest["layout"] == "vqa-v2" else "examples"
     for side in ("train", "select", "eval"):
         if side in manifest:
             m = manifest[side]
-            parts.append(f"{side}: {m['count']} questions, {m['images']} images, {len(m['shards'])} shards")
-    click.echo(f"{'; '.join(parts)} -> {out}")
+            parts.append(f"{side}: {m['count']} {what}, {m['images']} images, {len(m['shards'])} shards")
+    fields = manifest["fields"]
+    click.echo(f"{'; '.join(parts)} -> {out} (text fields: {', '.join(fields['texts']) or 'none'}; vector fields: "
+               f"{', '.join(fields['vectors']) or 'none'}; metric: {manifest['metric']})")
 
 
 @cli.command()
 @click.argument("shard_dir", type=click.Path(file_okay=False))
-@click.option("--cache", "caches", multiple=True, required=True, metavar="NAME=PATH",
-              help="A vector modality's cache; repeat for several modalities.")
+@click.option("--cache", "caches", multiple=True, required=True, metavar="FIELD=PATH",
+              help="A vector field's cache; repeat for several fields.")
 @click.option("--expect", default=None, metavar="JSON",
               help='Expected metadata per modality, e.g. \'{"image": {"shape": [196, 768]}}\'.')
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

@@ -106,7 +106,14 @@ def format_summary(summary: dict, title: str) -> str:
     if summary["by_question_type"]:
         rows += [("", None), ("question type", None), *summary["by_question_type"].items()]
     width = max(12, *(len(kind) + 2 for kind, _ in rows))
-    acc = "VQA acc" if summary.get("metric", "vqa") == "vqa" else "accuracy"
+    metric = summary.get("metric", "vqa")
+    if metric == "caption":  # CIDEr-D and BLEU-4 times 100, as papers report them
+        lines.append(f"{'group':<{width}}{'count':>8}{'CIDEr-D':>10}{'BLEU-4':>9}{'exact':>9}")
+        for kind, m in rows:
+            lines.append(f"{kind:<{width}}{m['count']:>8}{100 * m['cider']:>10.1f}{100 * m['bleu4']:>9.1f}"
+                         f"{100 * m['exact_match']:>8.2f}%" if m else kind)
+        return "\n".join(lines)
+    acc = "VQA acc" if metric == "vqa" else "accuracy"
     lines.append(f"{'answer type':<{width}}{'count':>8}{acc:>10}{'exact':>9}")
     for kind, m in rows:
         lines.append(f"{kind:<{width}}{m['count']:>8}{100 * m['accuracy']:>9.2f}%{100 * m['exact_match']:>8.2f}%"

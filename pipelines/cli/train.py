@@ -6,7 +6,7 @@ import logging
 import click
 
 from ..data.shards import read_manifest
-from ..metrics.vqa import metric_name
+from ..metrics.vqa import metric_name, score_text
 from ..train.config import TrainConfig
 from .common import cli_errors, distributed_teardown, parse_caches, setup_logging
 from .options import train_options
@@ -14,20 +14,21 @@ from .options import train_options
 
 def format_results(results: dict) -> str:
     side = results.get("selection_side", "eval")
-    name = metric_name(results.get("metric", "vqa"))
+    metric = results.get("metric", "vqa")
+    name = metric_name(metric)
     lines = []
     for which in ("best", "last"):
         r = results.get(which)
         if r:
-            kinds = ", ".join(f"{k} {100 * m['accuracy']:.1f}%" for k, m in r["by_answer_type"].items())
-            lines.append(f"{which:>4}: step {r['step']}: {name} {100 * r['accuracy']:.2f}%, "
+            kinds = ", ".join(f"{k} {score_text(metric, m['accuracy'])}" for k, m in r["by_answer_type"].items())
+            lines.append(f"{which:>4}: step {r['step']}: {name} {score_text(metric, r['accuracy'])}, "
                          f"exact match {100 * r['exact_match']:.2f}%  ({kinds})"
                          + (f" on the {side} side" if side != "eval" else ""))
     final = results.get("eval")
     if final:
-        kinds = ", ".join(f"{k} {100 * m['accuracy']:.1f}%" for k, m in final["by_answer_type"].items())
+        kinds = ", ".join(f"{k} {score_text(metric, m['accuracy'])}" for k, m in final["by_answer_type"].items())
         lines.append(f"eval: the best checkpoint (step {final['step']}) on all {final['count']} eval examples: "
-                     f"{name} {100 * final['accuracy']:.2f}%, exact match {100 * final['exact_match']:.2f}%  "
+                     f"{name} {score_text(metric, final['accuracy'])}, exact match {100 * final['exact_match']:.2f}%  "
                      f"({kinds})")
     if results.get("steps_per_s") is not None:
         lines.append(f"speed: {results['steps_per_s']:.2f} steps/s, {results['samples_per_s']:.0f} samples/s, "
@@ -46,9 +47,10 @@ def main(caches, config_file, preset, as_json, **flags):
     --fuse names where each field joins the encoder: text fields of the data (the question, a
     title, ...) and vector fields with a --cache (image, audio, ...), each looked up by its own id; a
     field the data lacks is refused before any step. Evaluates every --eval-every steps with the
-    data's metric (the official VQA accuracy for VQA) and keeps the best and the last checkpoint; writes OUT/results.json, OUT/config.json and TensorBoard logs in OUT/tb. Shards with
-    a select side (vqa-data shards --select-fraction) pick the best checkpoint there and score the
-    eval side once with it at the end. --fuse 0:question without --cache trains on the question alone.
+    data's metric (the official VQA accuracy for VQA; exact match for labels; CIDEr-D and BLEU-4 for
+    captions) and keeps the best and the last checkpoint; writes OUT/results.json, OUT/config.json
+    and TensorBoard logs in OUT/tb. Shards with a select side (vqa-data shards --select-fraction)
+    pick the best checkpoint there and score the eval side once with it at the end. --fuse 0:question without --cache trains on the question alone.
 
     Example:
 

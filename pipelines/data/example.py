@@ -26,7 +26,8 @@ states the fields (``{"texts": [...], "vectors": [...]}``) and the metric, so th
 refuses a ``--fuse`` that names a field the data lacks before any step.
 
 Metrics (:data:`METRICS`): ``vqa``, the official VQA accuracy over 10 human answers; ``exact``, exact
-match of the normalised prediction with any reference (single labels).
+match of the normalised prediction with any reference (single labels); ``caption``, BLEU-4 and
+CIDEr-D against the reference captions (:mod:`pipelines.metrics.captions`).
 
 Two readers make examples: the VQA v2 layout (:mod:`pipelines.data.vqa`: ``question`` text, ``image``
 vector), and the examples layout below, for any other task::
@@ -42,7 +43,7 @@ from pathlib import Path
 
 from ..errors import VQAFormatError
 
-METRICS = ("vqa", "exact")
+METRICS = ("vqa", "exact", "caption")
 DATASET = "dataset.json"
 DATASET_FORMAT = "where-to-fuse/examples"
 _EXAMPLES_RE = re.compile(r"^examples-([\w-]+)\.jsonl$")

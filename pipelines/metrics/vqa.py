@@ -207,8 +207,23 @@ ACCURACY = {"vqa": vqa_accuracy, "exact": label_match}  # the metrics of pipelin
 
 
 def metric_name(metric: str) -> str:
-    """How messages name a metric's accuracy: ``VQA accuracy``, ``accuracy (exact)``."""
-    return "VQA accuracy" if metric == "vqa" else f"accuracy ({metric})"
+    """How messages name a metric's ``accuracy``: ``VQA accuracy``, ``accuracy (exact)``, ``CIDEr-D``."""
+    return {"vqa": "VQA accuracy", "caption": "CIDEr-D"}.get(metric, f"accuracy ({metric})")
+
+
+def score_text(metric: str, value: float) -> str:
+    """``accuracy`` as messages show it: a percentage, or CIDEr-D times 100 (as papers report it)."""
+    return f"{100 * value:.1f}" if metric == "caption" else f"{100 * value:.2f}%"
+
+
+def make_score(metric: str = "vqa"):
+    """The accumulator of a metric: :class:`VQAScore` (``vqa``, ``exact``) or
+    :class:`~pipelines.metrics.captions.CaptionScore` (``caption``)."""
+    if metric == "caption":
+        from .captions import CaptionScore
+
+        return CaptionScore()
+    return VQAScore(metric)
 
 
 def question_only_baseline(fit, evaluate=None) -> float:

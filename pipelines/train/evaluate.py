@@ -22,7 +22,7 @@ import torch
 from ..data.tokens import decode_batch
 from ..errors import PipelineError
 from ..files import write_atomic
-from ..metrics.vqa import VQAScore
+from ..metrics.vqa import make_score
 from .config import TrainConfig
 from .model import model_inputs
 
@@ -70,12 +70,12 @@ def evaluate(model, loader, tokenizer, modalities, accelerator, max_new_tokens: 
         predictions: if a list, ``(example id, answer)`` of this rank's examples are appended to it,
             in order.
         desc: the progress bar's label.
-        metric: ``vqa`` or ``exact`` (the shards' manifest says which).
+        metric: ``vqa``, ``exact`` or ``caption`` (the shards' manifest says which).
     """
     unwrapped = accelerator.unwrap_model(model)
     was_training = unwrapped.training
     unwrapped.eval()
-    score = VQAScore(metric)
+    score = make_score(metric)
     with torch_threads(threads), _progress_bar(len(loader.loader.dataset), progress, desc) as bar:
         for batch in loader:
             with accelerator.autocast():
@@ -91,7 +91,7 @@ def evaluate(model, loader, tokenizer, modalities, accelerator, max_new_tokens: 
             bar.update(len(answers))
     unwrapped.train(was_training)
     if accelerator.num_processes > 1:
-        total = VQAScore(metric)
+        total = make_score(metric)
         for state in accelerator.gather_for_metrics([score.state()], use_gather_object=True):
             total.merge(state)
         score = total

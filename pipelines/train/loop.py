@@ -41,7 +41,7 @@ from ..data.stream import check_stream, eval_loader, open_caches
 from ..data.tokens import load_tokenizer
 from ..errors import PipelineError, ResumeError, TrainingDiverged
 from ..files import existing_dir, write_atomic
-from ..metrics.vqa import metric_name
+from ..metrics.vqa import metric_name, score_text
 from .checkpoint import (
     RUN_FILE,
     TRAINER_STATE,
@@ -268,7 +268,8 @@ def eval_kw(cfg, accelerator, desc: str) -> dict:
 
 
 def _scored(metrics: dict) -> str:
-    return f"{metric_name(metrics['metric'])} {100 * metrics['accuracy']:.2f}% (exact match {100 * metrics['exact_match']:.2f}%"
+    return (f"{metric_name(metrics['metric'])} {score_text(metrics['metric'], metrics['accuracy'])} "
+            f"(exact match {100 * metrics['exact_match']:.2f}%")
 
 
 def eval_and_checkpoint(cfg, accelerator, model, optimizer, schedule, data: RunData, state: dict, writer, bar) -> None:
