@@ -497,3 +497,16 @@ def test_pooling_figures_and_skipped_figures(tmp_path, caplog):
         assert [p.name for p in make_figures(summarise(one), one, tmp_path / "one")] == ["curves.png"]
     assert "figure fusion_layer skipped: a single fusion layer (2)" in caplog.text
     assert "figure accuracy_vs_flops skipped: every grid point has the same FLOPs per step" in caplog.text
+
+
+def test_the_summary_and_the_figures_name_the_runs_metric(sweep, tmp_path):
+    """Runs on label or caption data report their own metric, not 'VQA accuracy'."""
+    from pipelines.sweep.figures import metric_labels
+
+    out = copy_of(sweep, tmp_path)
+    for results in (out / "runs").glob("*/results.json"):
+        results.write_text(json.dumps({**json.loads(results.read_text()), "metric": "exact"}))
+    summary = report(out, figures=False)
+    assert summary["metric"] == "exact" and {r["metric"] for r in summary["runs"]} == {"exact"}
+    assert "Accuracy: exact match with the label on the eval side" in (out / "summary.md").read_text()
+    assert metric_labels("caption") == ("CIDEr-D (×100)", "CIDEr-D") and metric_labels("vqa")[1] == "VQA accuracy"

@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 
 DPI = 120
 ACC = "VQA accuracy (%)"
+
+
+def metric_labels(metric: str) -> tuple:
+    """``(axis label, name)`` of a run's ``accuracy`` (``results.json``'s ``metric``): VQA accuracy, an
+    exact match, or CIDEr-D (the figures show each times 100)."""
+    return {"vqa": (ACC, "VQA accuracy"), "exact": ("accuracy, exact match (%)", "Accuracy"),
+            "caption": ("CIDEr-D (×100)", "CIDEr-D")}.get(metric, (f"{metric} (×100)", metric))
 SPEED = "training speed (steps/s)"
 FUSION = "fusion layer of the {} tokens"
 DECODER = "decoder layers (blocks)"
@@ -94,7 +101,9 @@ def _pool_title(pool: str, several: bool) -> str:
 
 # ---- Figure 16: heatmaps --------------------------------------------------------------------------
 
-def heatmaps(rows: list, out: Path, encoder_layers, written: list, fusion: str = FUSION.format("image")) -> None:
+def heatmaps(rows: list, out: Path, encoder_layers, written: list, fusion: str = FUSION.format("image"),
+             labels: tuple = (ACC, "VQA accuracy")) -> None:
+    acc, name = labels
     pools = _by_pool(rows)
     for pool, prs in pools.items():
         layers = sorted({r["fuse_layer"] for r in prs})
@@ -127,9 +136,9 @@ def heatmaps(rows: list, out: Path, encoder_layers, written: list, fusion: str =
             ax.set_xticks(range(len(layers)), _fusion_labels(layers, encoder_layers))
             ax.set_yticks(range(len(decs)), [_dec_label(d) for d in decs])
             ax.set_xlabel(fusion)
-            ax.set_title(f"VQA accuracy, {title}")
+            ax.set_title(f"{name}, {title}")
         axes[0].set_ylabel(DECODER)
-        fig.colorbar(im, ax=list(axes), label=ACC, shrink=0.9)
+        fig.colorbar(im, ax=list(axes), label=acc, shrink=0.9)
         fig.suptitle(f"Where to fuse: accuracy over fusion layer × decoder depth{_pool_title(pool, len(pools) > 1)}")
         _save(fig, out / f"accuracy_heatmap{suffix}.png", written)
 
@@ -141,7 +150,9 @@ def _errorbar(ax, xs, ys, errs, **kw):
     ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker="o", capsize=3, **kw)
 
 
-def fusion_layer(rows: list, out: Path, encoder_layers, written: list, fusion: str = FUSION.format("image")) -> None:
+def fusion_layer(rows: list, out: Path, encoder_layers, written: list, fusion: str = FUSION.format("image"),
+                 labels: tuple = (ACC, "VQA accuracy")) -> None:
+    acc, name = labels
     pools = _by_pool(rows)
     for pool, prs in pools.items():
         layers = sorted({r["fuse_layer"] for r in prs})
@@ -160,7 +171,7 @@ def fusion_layer(rows: list, out: Path, encoder_layers, written: list, fusion: s
                       color=color, label=label)
             _errorbar(axes[1], xs, [r["best_accuracy_pct"] for r in line],
                       [r["best_accuracy_pct_std"] for r in line], color=color, label=label)
-        for ax, ylabel, title in ((axes[0], SPEED, "Training speed"), (axes[1], ACC, "Best VQA accuracy")):
+        for ax, ylabel, title in ((axes[0], SPEED, "Training speed"), (axes[1], acc, f"Best {name}")):
             ax.set_xticks(layers, _fusion_labels(layers, encoder_layers))
             ax.set_xlabel(fusion)
             ax.set_ylabel(ylabel)
@@ -173,7 +184,8 @@ def fusion_layer(rows: list, out: Path, encoder_layers, written: list, fusion: s
 
 # ---- Figures 18–21: pooling length ----------------------------------------------------------------
 
-def pooling(rows: list, out: Path, full_length, written: list) -> None:
+def pooling(rows: list, out: Path, full_length, written: list, labels: tuple = (ACC, "VQA accuracy")) -> None:
+    acc = labels[0]
     kinds = sorted({r["pool_type"] for r in rows if r["pool_length"] is not None})  # not per-modality ones
     unpooled = [r for r in rows if r["pool_type"] == "none"]
     for kind in kinds:
@@ -201,7 +213,7 @@ def pooling(rows: list, out: Path, full_length, written: list) -> None:
                                 fillstyle="none", linestyle="none")
                     if xs:
                         _errorbar(ax, xs, ys, es, color=colors[L], label=_where_label(L))
-            for ax, ylabel in ((row_axes[0], SPEED), (row_axes[1], ACC)):
+            for ax, ylabel in ((row_axes[0], SPEED), (row_axes[1], acc)):
                 ax.set_xscale("log", base=2)
                 ticks = sorted(lengths)
                 ax.set_xticks(ticks, [f"{t}\n(no pooling)" if unpooled and t == full_length else str(t)
@@ -221,7 +233,7 @@ def pooling(rows: list, out: Path, full_length, written: list) -> None:
 
 # ---- accuracy against compute ---------------------------------------------------------------------
 
-def accuracy_vs_flops(rows: list, out: Path, written: list) -> None:
+def accuracy_vs_flops(rows: list, out: Path, written: list, labels: tuple = (ACC, "VQA accuracy")) -> None:
     if len({r["flops_per_step"] for r in rows}) < 2:
         log.info("figure accuracy_vs_flops skipped: every grid point has the same FLOPs per step")
         return
@@ -249,7 +261,7 @@ def accuracy_vs_flops(rows: list, out: Path, written: list) -> None:
         ax.set_xscale("log")
     ax.margins(x=0.1)  # room for the labels of the outermost points
     ax.set_xlabel(f"compute per training step ({unit}, analytical count)")
-    ax.set_ylabel("best " + ACC)
+    ax.set_ylabel("best " + labels[0])
     where = "where each modality joins" if isinstance(layers[0], Where) else "f = fusion layer"
     ax.set_title(f"Accuracy against compute (labels: {where}, d = decoder layers)")
     ax.grid(alpha=0.3)
@@ -259,7 +271,7 @@ def accuracy_vs_flops(rows: list, out: Path, written: list) -> None:
 
 # ---- learning curves ------------------------------------------------------------------------------
 
-def curves(records: list, out: Path, written: list) -> None:
+def curves(records: list, out: Path, written: list, labels: tuple = (ACC, "VQA accuracy")) -> None:
     if all(len(r.history) < 2 for r in records):
         log.info("figure curves skipped: every run has a single evaluation")
         return
@@ -283,7 +295,7 @@ def curves(records: list, out: Path, written: list) -> None:
             seen.add(r.fuse_layer)
         ax.set_title(f"{_dec_label(d)} decoder layer(s)" + (f", pooling {pool}" if several_pools else ""))
         ax.set_xlabel("training step")
-        ax.set_ylabel(ACC)
+        ax.set_ylabel(labels[0])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax in list(axes.flat)[len(panels):]:
@@ -293,7 +305,7 @@ def curves(records: list, out: Path, written: list) -> None:
 
 
 def make_figures(rows: list, records: list, out, encoder_layers: int | None = None,
-                 full_length: int | None = None, ablation: list = ()) -> list:
+                 full_length: int | None = None, ablation: list = (), metric: str = "vqa") -> list:
     """Draw every figure the grid allows into ``out``; returns the paths written.
 
     Args:
@@ -302,10 +314,12 @@ def make_figures(rows: list, records: list, out, encoder_layers: int | None = No
         encoder_layers: the encoder's depth, to mark late fusion on the axes (None: unmarked).
         full_length: the image's token count without pooling (the "none" point of the pooling figures).
         ablation: the ablation rows (:func:`pipelines.sweep.report.ablation_rows`), for ``ablation.png``.
+        metric: the runs' metric, which names the accuracy axes (:func:`metric_labels`).
     """
     from .modality_figures import ablation_bars, pair_heatmaps
 
     out = Path(out)
+    labels = metric_labels(metric)
     written = []
     if not rows:
         log.info("no figures: no finished runs")
@@ -315,7 +329,7 @@ def make_figures(rows: list, records: list, out, encoder_layers: int | None = No
     records = [r for r in records if not r.ablated]
     swept = swept_modalities(own)
     if len(swept) > 1:
-        pair_heatmaps(own, swept, out, encoder_layers, written)
+        pair_heatmaps(own, swept, out, encoder_layers, written, labels)
         log.info("figures accuracy_heatmap and fusion_layer skipped: %d modalities swept (%s); see the "
                  "accuracy_heatmap_<A>_<B> figures", len(swept), ", ".join(swept))
         own = [{**r, "fuse_layer": Where(r["layers"], swept)} for r in own]
@@ -323,10 +337,10 @@ def make_figures(rows: list, records: list, out, encoder_layers: int | None = No
     else:
         vectors = [m for r in own for m in r.get("pools", {})]
         fusion = FUSION.format(swept[0] if swept else (vectors or ["image"])[0])
-        heatmaps(own, out, encoder_layers, written, fusion)
-        fusion_layer(own, out, encoder_layers, written, fusion)
-    pooling(own, out, full_length, written)
-    accuracy_vs_flops(own, out, written)
-    curves(records, out, written)
-    ablation_bars(ablation, out, written)
+        heatmaps(own, out, encoder_layers, written, fusion, labels)
+        fusion_layer(own, out, encoder_layers, written, fusion, labels)
+    pooling(own, out, full_length, written, labels)
+    accuracy_vs_flops(own, out, written, labels)
+    curves(records, out, written, labels)
+    ablation_bars(ablation, out, written, labels)
     return written

@@ -38,7 +38,9 @@ def _decs(rows: list) -> list:
     return sorted({r["decoder_layers"] for r in rows}, key=lambda d: -1 if d is None else d)
 
 
-def pair_heatmaps(rows: list, swept: list, out: Path, encoder_layers, written: list) -> None:
+def pair_heatmaps(rows: list, swept: list, out: Path, encoder_layers, written: list,
+                  labels: tuple = (ACC, "VQA accuracy")) -> None:
+    acc, name = labels
     """One heatmap per pair of swept modalities (and pooling setting): A's layers × B's layers."""
     pools = _by_pool(rows)
     for a, b in combinations(swept, 2):
@@ -64,9 +66,9 @@ def pair_heatmaps(rows: list, swept: list, out: Path, encoder_layers, written: l
                     ax.set_xlabel(FUSION.format(a))
                     ax.set_ylabel(FUSION.format(b))
                     ax.set_title(f"{title}, {_dec_label(d)} decoder layer(s)", fontsize=10)
-            fig.colorbar(im, ax=list(axes.flat), label=ACC, shrink=0.9)
+            fig.colorbar(im, ax=list(axes.flat), label=acc, shrink=0.9)
             mean = f" (mean over the layers of {', '.join(others)})" if others else ""
-            fig.suptitle(f"Where to fuse {a} and {b}: VQA accuracy{mean}{_pool_title(pool, len(pools) > 1)}")
+            fig.suptitle(f"Where to fuse {a} and {b}: {name}{mean}{_pool_title(pool, len(pools) > 1)}")
             _save(fig, out / f"accuracy_heatmap_{a}_{b}{suffix}.png", written)
 
 
@@ -86,7 +88,8 @@ def _heatmap(ax, cells: dict, d, xs: list, ys: list, key: str, vmin: float, vmax
     return im
 
 
-def ablation_bars(ablation: list, out: Path, written: list) -> None:
+def ablation_bars(ablation: list, out: Path, written: list, labels: tuple = (ACC, "VQA accuracy")) -> None:
+    acc, name = labels
     """Bars per grid point: accuracy with every modality, then without each vector modality."""
     if not ablation:
         return
@@ -117,8 +120,8 @@ def ablation_bars(ablation: list, out: Path, written: list) -> None:
             bars = ax.bar(xs, ys, width, yerr=es if any(es) else None, capsize=3, color=color,
                           label="every modality" if variant is None else f"without {variant}")
             ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
-        ax.set_ylabel(ACC)
-        ax.set_title(f"VQA accuracy, {title}", fontsize=10)
+        ax.set_ylabel(acc)
+        ax.set_title(f"{name}, {title}", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         ax.margins(y=0.15)
     axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))

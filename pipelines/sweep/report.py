@@ -79,6 +79,7 @@ class RunRecord:
     layers: dict = field(default_factory=dict)  # every fused modality -> its join layer
     pools: dict = field(default_factory=dict)  # every fused vector modality -> "TYPE[:LENGTH]"
     ablated: str = ""  # the sweep's vector modalities this run goes without (:func:`mark_ablations`)
+    metric: str = "vqa"  # what ``accuracy`` is (``results.json``'s metric; pipelines.data.example.METRICS)
 
     def key(self) -> tuple:
         return (self.fuse or self.fuse_layer, self.decoder_layers, self.pool)
@@ -159,6 +160,7 @@ def read_run(run_dir: Path) -> RunRecord:
         history=[(h["step"], _number(h.get("accuracy"), "history accuracy")) for h in history],
         encoder_layers=encoder_layers, tokens=tokens, fuse=str(spec),
         layers={m: spec.layer_of(m) for m in spec.modalities()}, pools=pools,
+        metric=str(results.get("metric", "vqa")),
     )
 
 
@@ -360,11 +362,13 @@ def report(runs_dir, figures: bool = True) -> dict:
         fig_dir = runs_dir / FIGURES
         shutil.rmtree(fig_dir, ignore_errors=True)  # a figure no longer drawn must not linger
         drawn = make_figures(rows, records, fig_dir, encoder_layers=_common(r.encoder_layers for r in records),
-                             full_length=_common(r.tokens for r in records), ablation=ablation)
+                             full_length=_common(r.tokens for r in records), ablation=ablation,
+                             metric=_common(r.metric for r in records) or "vqa")
         written = [str(Path(FIGURES) / p.name) for p in drawn]
     runs = [{k: v for k, v in asdict(r).items() if k not in ("history", "encoder_layers", "tokens")}
             for r in sorted(records, key=lambda r: r.name)]
-    summary = {"runs_dir": str(runs_dir), "finished": len(records), "points": rows,
+    summary = {"runs_dir": str(runs_dir), "finished": len(records), "metric": _common(r.metric for r in records),
+               "points": rows,
                "swept": swept_modalities(rows), "ablation": ablation, "runs": runs,
                "failed": failed, "broken": broken, "figures": written}
     write_atomic(runs_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -46,12 +46,17 @@ def ablation_table(ablation: list) -> str:
     return "\n".join(lines)
 
 
+WHAT = {"vqa": "the VQA accuracy", "exact": "exact match with the label",
+        "caption": "CIDEr-D (times 100)"}  # the runs' metric (results.json)
+
+
 def summary_markdown(summary: dict) -> str:
     """``summary.md``: the grid points, the ablation, the runs left out, the figures."""
     out = [f"# Sweep summary: {summary['runs_dir']}", "",
            f"{summary['finished']} finished run(s) in {len(summary['points'])} grid point(s); "
            f"{len(summary['failed'])} failed; {len(summary['broken'])} broken.", "",
-           "Accuracy: the VQA accuracy on the eval side, best during training and at the last step, "
+           f"Accuracy: {WHAT.get(summary.get('metric') or 'vqa', 'the accuracy')} on the eval side, best during "
+           "training and at the last step, "
            "mean ± sample standard deviation over repeats. Steps/s: training steps per second (eval "
            "excluded). GFLOP/step: analytical count of one training step. ★: on the Pareto front of best "
            "accuracy against FLOPs per step (the sweep's own points; ablations left out).", "",
