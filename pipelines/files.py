@@ -1,5 +1,7 @@
-"""Writing files so that a killed process leaves the old version or the new one, never half of one."""
+"""Writing files so that a killed process leaves the old version or the new one, never half of one;
+reading the JSON descriptions the pipelines write."""
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -31,3 +33,19 @@ def existing_dir(final: Path) -> Path:
     """``final``, or the ``final.old`` that :func:`replace_dir` left if it was killed between renames."""
     old = final.with_name(final.name + ".old")
     return old if not final.exists() and old.exists() else final
+
+
+def read_format_json(path, fmt: str, what: str, error: type) -> dict:
+    """The JSON object in ``path`` whose ``"format"`` is ``fmt`` (a manifest, a dataset description).
+
+    Raises:
+        error: ``path`` is not valid JSON, or not an object of that format (``not a FMT WHAT``).
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise error(f"{path}: not a {fmt} {what}")
+    return data

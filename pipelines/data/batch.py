@@ -26,26 +26,22 @@ from .tokens import char_limit, cut_text, load_tokenizer
 log = logging.getLogger(__name__)
 
 
-def _record_ids(samples, modality):
-    ids = []
-    for s in samples:
-        vectors = s["vectors"]
-        if modality not in vectors:
-            raise PipelineError(f"example {s.get('id')}: has no vector field {modality!r} (its fields: "
-                                f"{', '.join([*s['texts'], *vectors]) or 'none'})")
-        ids.append(str(vectors[modality]))
-    return ids
+def missing_field(example: dict, kind: str, name: str) -> PipelineError:
+    """The error for an example without the ``kind`` (``texts``, ``vectors``) field ``name``."""
+    what = "text" if kind == "texts" else "vector"
+    fields = ", ".join([*example["texts"], *example["vectors"]]) or "none"
+    return PipelineError(f"example {example.get('id')}: has no {what} field {name!r} (its fields: {fields})")
 
 
-def _record_texts(samples, name):
-    texts = []
+def field_values(samples: list, kind: str, name: str) -> list:
+    """Each example's ``kind`` (``texts`` or ``vectors``) field ``name``; a vector field's id as str."""
+    out = []
     for s in samples:
-        text = s["texts"].get(name)
-        if text is None:
-            raise PipelineError(f"example {s.get('id')}: has no text field {name!r} (its fields: "
-                                f"{', '.join([*s['texts'], *s['vectors']]) or 'none'})")
-        texts.append(text)
-    return texts
+        value = s[kind].get(name)
+        if value is None:
+            raise missing_field(s, kind, name)
+        out.append(str(value) if kind == "vectors" else value)
+    return out
 
 
 class DropMissing:
@@ -110,7 +106,7 @@ class Collate:
     def __call__(self, samples: list) -> dict:
         texts, tokens = {}, {}
         for name, max_len in self.texts.items():
-            texts[name] = self.cut(samples, _record_texts(samples, name), max_len, name)
+            texts[name] = self.cut(samples, field_values(samples, "texts", name), max_len, name)
             ids, mask = self.tokenizer.encode_batch(texts[name], max_len)  # (B, L_name)
             tokens[name] = (ids.numpy(), mask.numpy())
         # an example without annotations (VQA's test splits) is answered, never trained on
@@ -119,7 +115,7 @@ class Collate:
         return {
             "tokens": tokens,
             "labels": answer_ids.masked_fill(answer_mask == 0, -100).numpy(),
-            "ids": {name: _record_ids(samples, name) for name in self.vectors},
+            "ids": {name: field_values(samples, "vectors", name) for name in self.vectors},
             "id": [s["id"] for s in samples],
             "texts": texts,
             "target": targets,

@@ -42,11 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import VQAFormatError
+from ..files import read_format_json, write_atomic
 
 METRICS = ("vqa", "exact", "caption")
 DATASET = "dataset.json"
 DATASET_FORMAT = "where-to-fuse/examples"
 _EXAMPLES_RE = re.compile(r"^examples-([\w-]+)\.jsonl$")
+DEFAULT_TEXT_LEN = 128  # tokens of a text field unless a run says otherwise (--text-len)
 MAX_TEXT_CHARS = 100_000  # a longer text is a broken file (fields are cut to the token limit anyway)
 
 
@@ -86,22 +88,27 @@ class Example:
         """What a split keeps on one side (:func:`pipelines.data.splits.split_records`): the example
         itself (``question``, ``example``), or the id of a vector field (``image``: the ``image``
         field, else the first vector field), so that no image is seen on both sides."""
-        return example_unit(self.to_dict(), by)
+        return example_unit(self, by)
 
 
-def example_unit(d: dict, by: str) -> str:
-    """:meth:`Example.unit` of an example's JSON form."""
-    if by in ("question", "example") or not d["vectors"]:
-        return str(d["id"])
-    vectors = d["vectors"]
+def _get(e, name: str):
+    """A field of an :class:`Example` or of its JSON form."""
+    return getattr(e, name) if isinstance(e, Example) else e.get(name)
+
+
+def example_unit(e, by: str) -> str:
+    """:meth:`Example.unit` of an example or its JSON form."""
+    vectors = _get(e, "vectors") or {}
+    if by in ("question", "example") or not vectors:
+        return str(_get(e, "id"))
     return str(vectors[by] if by in vectors else next(iter(vectors.values())))
 
 
-def group_key(d: dict) -> str:
-    """The id that packs examples into one shard sample: the first vector field's id (an image's
-    questions are read together), else the example's own."""
-    vectors = d.get("vectors") or {}
-    return str(next(iter(vectors.values()))) if vectors else f"#{d.get('id')}"
+def group_key(e) -> str:
+    """The id that packs examples (or their JSON forms) into one shard sample: the first vector
+    field's id (an image's questions are read together), else the example's own."""
+    vectors = _get(e, "vectors") or {}
+    return str(next(iter(vectors.values()))) if vectors else f"#{_get(e, 'id')}"
 
 
 def check_example(d, where: str = "example") -> None:
@@ -150,10 +157,9 @@ def fields_of(examples) -> dict:
     trained on it would see it missing at random)."""
     texts, vectors, counts, n = {}, {}, {}, 0
     for e in examples:
-        d = e.to_dict() if isinstance(e, Example) else e
         n += 1
         for kind, out in (("texts", texts), ("vectors", vectors)):
-            for name in d[kind]:
+            for name in _get(e, kind):
                 out.setdefault(name, None)
                 counts[(kind, name)] = counts.get((kind, name), 0) + 1
     partial = [f"{kind[:-1]} field {name!r} ({c} of {n})" for (kind, name), c in counts.items() if c != n]
@@ -186,12 +192,7 @@ def read_dataset_info(root) -> dict:
     path = Path(root) / DATASET
     if not path.is_file():
         return {"format": DATASET_FORMAT, "metric": "exact"}
-    try:
-        info = json.loads(path.read_text())
-    except ValueError as e:
-        raise ExampleFormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(info, dict) or info.get("format") != DATASET_FORMAT:
-        raise ExampleFormatError(f"{path}: not a {DATASET_FORMAT} description (\"format\": \"{DATASET_FORMAT}\")")
+    info = read_format_json(path, DATASET_FORMAT, f'description ("format": "{DATASET_FORMAT}")', ExampleFormatError)
     info.setdefault("metric", "exact")
     if info["metric"] not in METRICS:
         raise ExampleFormatError(f"{path}: metric {info['metric']!r}: choose one of {', '.join(METRICS)}")
@@ -231,8 +232,6 @@ def read_examples(root, splits=None) -> list:
 
 def write_examples(root, split: str, examples) -> Path:
     """Write ``examples-{split}.jsonl`` (through a temporary name)."""
-    from ..files import write_atomic
-
     path = examples_path(root, split)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, "".join(json.dumps(e.to_dict() if isinstance(e, Example) else e) + "\n" for e in examples))

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 from store.walk import check_index
 
-from ..errors import MissingEmbeddingsError, PipelineError
+from ..errors import MissingEmbeddingsError
+from .batch import missing_field
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,7 @@ def preflight(records, readers: dict, allow_missing: bool = False) -> PreflightR
         present, ids, affected = {}, [], 0
         for i, rec in enumerate(records):
             if name not in rec["vectors"]:
-                raise PipelineError(f"example {rec.get('id')}: has no vector field {name!r} for --cache {name} "
-                                    f"(its fields: {', '.join([*rec['texts'], *rec['vectors']]) or 'none'})")
+                raise missing_field(rec, "vectors", name)
             key = str(rec["vectors"][name])
             ok = present.get(key)
             if ok is None:

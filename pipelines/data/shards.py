@@ -32,9 +32,16 @@ from store import AtomicShardWriter
 from store.format import now_iso
 
 from ..errors import DatasetExistsError, PipelineError, VQAFormatError
-from ..files import write_atomic
-from .example import (Example, example_splits, fields_of, group_key, is_examples_dir, read_dataset_info,
-                      read_examples)
+from ..files import read_format_json, write_atomic
+from .example import (
+    Example,
+    example_splits,
+    fields_of,
+    group_key,
+    is_examples_dir,
+    read_dataset_info,
+    read_examples,
+)
 from .splits import split_records
 from .tokens import build_word_tokenizer
 from .vqa import MAX_QUESTION_CHARS, QARecord, discover_splits, read_vqa
@@ -230,14 +237,14 @@ def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_f
         "split_by": split_by, "seed": seed, "eval_fraction": plan["eval_fraction"],
         "select_fraction": select_fraction or None, "shard_size": shard_size,
         "layout": info["layout"], "fields": fields, "metric": info["metric"],
-        "images": len({group_key(r.to_dict()) for r in records}),
+        "images": len({group_key(r) for r in records}),
     }
     for side in SIDES:
         if side not in sides:
             continue
         recs = sides[side]
         paths = write_shards(recs, out / f"{side}-%06d.tar", shard_size=shard_size, min_shards=min_shards)
-        manifest[side] = {"count": len(recs), "images": len({group_key(r.to_dict()) for r in recs}),
+        manifest[side] = {"count": len(recs), "images": len({group_key(r) for r in recs}),
                           "shards": [Path(p).name for p in paths]}
     # A word-level tokenizer of the training side (texts, targets and references), for small
     # vocabularies such as the shapes data: `fuse-train --tokenizer words` reads it from here.
@@ -253,12 +260,7 @@ def read_manifest(out) -> dict:
     path = Path(out) / MANIFEST
     if not path.is_file():
         raise PipelineError(f"{path}: no such file (not a shard folder, or `vqa-data shards` did not finish)")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise PipelineError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise PipelineError(f"{path}: not a {MANIFEST_FORMAT} manifest")
+    manifest = read_format_json(path, MANIFEST_FORMAT, "manifest", PipelineError)
     if manifest.get("version") != MANIFEST_VERSION:
         raise PipelineError(f"{path}: shards of format version {manifest.get('version')}, this version reads "
                             f"{MANIFEST_VERSION}: write them again with `vqa-data shards`")

@@ -15,9 +15,7 @@ SPLIT_BY = ("image", "question")
 
 
 def _unit(record, by: str) -> str:
-    if isinstance(record, Example):
-        return record.unit(by)
-    if isinstance(record, dict) and "vectors" in record:
+    if isinstance(record, Example) or (isinstance(record, dict) and "vectors" in record):
         return example_unit(record, by)
     name = "image_id" if by == "image" else "question_id"
     return str(record[name] if isinstance(record, dict) else getattr(record, name))

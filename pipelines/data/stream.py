@@ -70,12 +70,13 @@ from .batch import (
     VectorLoader,
     as_is,
 )
+from .example import DEFAULT_TEXT_LEN
 from .preflight import PreflightReport, preflight
 
 log = logging.getLogger(__name__)
 
 RECORD_FIELDS = ("id", "texts", "vectors", "target", "references")  # pipelines.data.example
-DEFAULT_TEXTS = {"question": 128}
+DEFAULT_TEXTS = {"question": DEFAULT_TEXT_LEN}
 
 
 @dataclass

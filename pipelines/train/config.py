@@ -12,12 +12,13 @@ from pathlib import Path
 
 from fuse import FusionSpec, coerce_pools
 
+from ..data.example import DEFAULT_TEXT_LEN
+
 SCHEDULES = ("linear", "cosine", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "adafactor")
 PRECISIONS = ("no", "bf16", "fp16")
 IMAGE_SOURCES = ("cache", "online")
 TEXT = "question"  # VQA's text field
-DEFAULT_TEXT_LEN = 128  # tokens of a text field unless --text-len says otherwise
 
 # Named presets (flags and the config file override them).
 TRAIN_PRESETS = {

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.example import DEFAULT_TEXT_LEN
 from ..data.tokens import decode_batch
 from ..errors import PipelineError
 from ..files import write_atomic
@@ -252,7 +253,7 @@ def answer_one(model, run: dict, tokenizer, texts: dict, files: dict, max_new_to
 
     cfg = model.config
     fused = cfg.fusion().modalities()
-    lens = run.get("text_fields") or {run.get("text_modality", "question"): 128}  # older runs: the question
+    lens = run.get("text_fields") or {}  # older runs: the question, at the default limit
     wanted_texts = [n for n in fused if cfg.is_text(n)]
     wanted_files = [n for n in fused if not cfg.is_text(n)]
     for name in texts:
@@ -269,7 +270,7 @@ def answer_one(model, run: dict, tokenizer, texts: dict, files: dict, max_new_to
         raise ValueError(f"the model fuses {', '.join(fused)}: give {', '.join(missing)} too")
     inputs = {}
     for name in wanted_texts:
-        inputs[name] = tokenizer.encode_batch([texts[name]], max_length=lens.get(name, 128))
+        inputs[name] = tokenizer.encode_batch([texts[name]], max_length=lens.get(name, DEFAULT_TEXT_LEN))
     for name in wanted_files:
         producer = run["producers"].get(name)
         if producer is None:
