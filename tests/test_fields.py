@@ -195,6 +195,10 @@ def test_fuse_eval_answers_one_example_given_field_by_field(tmp_path):
     assert r.returncode == 2 and "the model fuses note, question, image: give --field question=TEXT too" in r.stderr
     r = run_cli(*one, "--field", "title=x")
     assert r.returncode == 2 and "--field title: the model fuses no text field 'title'" in r.stderr
+    (tmp_path / "not-an-image.jpg").write_text("hello")
+    r = run_cli(*one[:3], f"image={tmp_path / 'not-an-image.jpg'}", *one[4:])
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"{tmp_path / 'not-an-image.jpg'}: cannot embed it: not an image" in r.stderr
 
 
 # ---- captions: BLEU-4 and CIDEr-D of the COCO caption evaluation -------------------------------------

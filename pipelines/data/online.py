@@ -71,9 +71,12 @@ class ImageEmbedder:
         raise PipelineError(f"image {image_id}: no file under {self.root} for splits {', '.join(self.splits)}")
 
     def pixels(self, path) -> torch.Tensor:
-        from embed import open_rgb
+        from embed import BadImage, open_rgb
 
-        return self.vit.pil_transform(open_rgb(Path(path).read_bytes(), self.max_pixels, self.draft))  # uint8 (3, H, W)
+        try:
+            return self.vit.pil_transform(open_rgb(Path(path).read_bytes(), self.max_pixels, self.draft))  # uint8 (3, H, W)
+        except BadImage as e:
+            raise PipelineError(f"{path}: cannot embed it: {e}") from None
 
     @torch.inference_mode()
     def embed_paths(self, paths) -> torch.Tensor:
