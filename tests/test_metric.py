@@ -94,7 +94,20 @@ def test_vqascore_by_answer_and_question_type_and_merge():
     b.add_batch(["Two", "blue"], [["2"] * 10, ["red"] * 10], ["number", "other"], ["how many", ""])
     assert a.merge(json.loads(json.dumps(b.state()))).summary() == out
     assert VQAScore().summary() == {"metric": "vqa", "accuracy": 0.0, "exact_match": 0.0, "count": 0, "by_answer_type": {},
-                                    "by_question_type": {}}
+                                    "by_question_type": {}, "by_group": {}}
+
+
+def test_any_group_an_example_names_is_scored_on_its_own():
+    s = VQAScore("exact")
+    s.add("red", ["red"], groups={"needs": "both", "question_type": "what color"})
+    s.add("blue", ["red"], groups={"needs": "both"})
+    s.add("3", ["3"], groups={"needs": "sound", "loudness": ""})  # an empty value is no group
+    out = s.summary()
+    assert out["by_group"] == {"needs": {"both": {"accuracy": 0.5, "exact_match": 0.5, "count": 2},
+                                         "sound": {"accuracy": 1.0, "exact_match": 1.0, "count": 1}}}
+    assert list(out["by_answer_type"]) == ["all"] and out["accuracy"] == pytest.approx(2 / 3)
+    whole = VQAScore("exact").merge(json.loads(json.dumps(s.state())))  # through JSON, as ranks gather it
+    assert whole.summary() == out
 
 
 def test_exact_metric_scores_a_match_with_any_reference():

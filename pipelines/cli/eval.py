@@ -105,6 +105,8 @@ def format_summary(summary: dict, title: str) -> str:
     rows = [("all", summary), *summary["by_answer_type"].items()]
     if summary["by_question_type"]:
         rows += [("", None), ("question type", None), *summary["by_question_type"].items()]
+    for name, values in summary.get("by_group", {}).items():
+        rows += [("", None), (name, None), *values.items()]
     width = max(12, *(len(kind) + 2 for kind, _ in rows))
     metric = summary.get("metric", "vqa")
     if metric == "caption":  # CIDEr-D and BLEU-4 times 100, as papers report them

@@ -12,6 +12,14 @@ from .common import cli_errors, distributed_teardown, parse_caches, setup_loggin
 from .options import train_options
 
 
+def _groups_text(metric: str, r: dict) -> str:
+    """``yes/no 98.00%, ...`` by answer type, then ``needs: both 91.00%, ...`` for each other group."""
+    parts = [", ".join(f"{k} {score_text(metric, m['accuracy'])}" for k, m in r["by_answer_type"].items())]
+    parts += [f"{name}: " + ", ".join(f"{k} {score_text(metric, m['accuracy'])}" for k, m in values.items())
+              for name, values in r.get("by_group", {}).items()]
+    return "; ".join(parts)
+
+
 def format_results(results: dict) -> str:
     side = results.get("selection_side", "eval")
     metric = results.get("metric", "vqa")
@@ -20,13 +28,13 @@ def format_results(results: dict) -> str:
     for which in ("best", "last"):
         r = results.get(which)
         if r:
-            kinds = ", ".join(f"{k} {score_text(metric, m['accuracy'])}" for k, m in r["by_answer_type"].items())
+            kinds = _groups_text(metric, r)
             lines.append(f"{which:>4}: step {r['step']}: {name} {score_text(metric, r['accuracy'])}, "
                          f"exact match {100 * r['exact_match']:.2f}%  ({kinds})"
                          + (f" on the {side} side" if side != "eval" else ""))
     final = results.get("eval")
     if final:
-        kinds = ", ".join(f"{k} {score_text(metric, m['accuracy'])}" for k, m in final["by_answer_type"].items())
+        kinds = _groups_text(metric, final)
         lines.append(f"eval: the best checkpoint (step {final['step']}) on all {final['count']} eval examples: "
                      f"{name} {score_text(metric, final['accuracy'])}, exact match {100 * final['exact_match']:.2f}%  "
                      f"({kinds})")

@@ -5,7 +5,7 @@ and VALOR figures are computed with too), not from a re-implementation: captions
 lower-cased and split by its PTB tokenizer (Stanford CoreNLP's ``PTBTokenizer``, which it runs with
 ``java``), then ``Bleu(4)`` and ``Cider`` (CIDEr-D: clipped, length-penalised, idf over the scored
 set) score them. Both are corpus-level, so :class:`CaptionScore` keeps every prediction and scores at
-:meth:`~CaptionScore.summary`; groups (``answer_type``, ``question_type``) are each scored as a corpus
+:meth:`~CaptionScore.summary`; groups (``answer_type``, ``question_type``, any other) are each scored as a corpus
 of their own. Install with ``pip install 'where-to-fuse[captions]'`` (and a Java runtime).
 
 ``accuracy`` in the summary is CIDEr-D (the figure a run selects its checkpoint on); papers report it
@@ -15,7 +15,7 @@ times 100.
 import shutil
 
 from ..errors import PipelineError
-from .vqa import label_match
+from .vqa import group_key, label_match, summarise_groups
 
 
 def _scorers():
@@ -56,10 +56,11 @@ class CaptionScore:
 
     def __init__(self):
         _scorers()  # fail before any decoding, not after
-        self.items = []  # [prediction, references, answer type, question type]
+        self.items = []  # [prediction, references, group key (pipelines.metrics.vqa.group_key)]
 
-    def add(self, pred: str, references, answer_type: str = "all", question_type: str = "") -> None:
-        self.items.append([pred, list(references), answer_type, question_type])
+    def add(self, pred: str, references, answer_type: str = "all", question_type: str = "",
+            groups: dict | None = None) -> None:
+        self.items.append([pred, list(references), group_key(answer_type, question_type, groups)])
 
     def state(self) -> dict:
         return {"items": [list(item) for item in self.items]}
@@ -74,17 +75,11 @@ class CaptionScore:
 
     def summary(self) -> dict:
         """``{"metric": "caption", "accuracy" (CIDEr-D), "cider", "bleu4", "exact_match", "count",
-        "by_answer_type", "by_question_type"}``."""
+        "by_answer_type", "by_question_type", "by_group"}``."""
         def one(items):
             scores = caption_scores([i[0] for i in items], [i[1] for i in items])
             exact = sum(label_match(i[0], i[1]) for i in items) / len(items) if items else 0.0
             return {"accuracy": scores["cider"], **scores, "exact_match": exact, "count": len(items)}
 
-        def by(index):
-            groups = {}
-            for item in self.items:
-                if item[index]:
-                    groups.setdefault(item[index], []).append(item)
-            return {k: one(v) for k, v in sorted(groups.items())}
-
-        return {"metric": self.metric, **one(self.items), "by_answer_type": by(2), "by_question_type": by(3)}
+        return {"metric": self.metric, **one(self.items),
+                **summarise_groups(((item[2], item) for item in self.items), one)}

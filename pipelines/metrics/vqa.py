@@ -18,6 +18,7 @@ the period rule's ``(?!<=\\d)`` is a look-*ahead* (so every period not followed 
 ``re.UNICODE`` lands in ``sub``'s ``count`` argument (at most 32 periods are removed).
 """
 
+import json
 import re
 from collections import Counter
 
@@ -131,7 +132,8 @@ def exact_match(pred: str, answers) -> float:
 class VQAScore:
     """Accumulates the accuracy of a metric (``vqa``: the official VQA accuracy; ``exact``: a match
     with any reference, for single labels) and exact match, overall, by answer type and by question type (the
-    official evaluator's ``perAnswerType`` and ``perQuestionType``).
+    official evaluator's ``perAnswerType`` and ``perQuestionType``), and by any other group the examples
+    name (``groups={"needs": "both"}`` -> ``by_group["needs"]["both"]``).
 
     Per-process sums can be combined across processes with :meth:`state` / :meth:`merge` (sum the
     state dicts, e.g. by all-reduce); means are taken only in :meth:`summary`.
@@ -148,13 +150,14 @@ class VQAScore:
         if metric not in ACCURACY:
             raise ValueError(f"metric {metric!r}: choose one of {', '.join(ACCURACY)}")
         self.metric = metric
-        self.totals = {}  # (answer_type, question_type) -> [count, accuracy sum, exact sum]
+        self.totals = {}  # group key (see group_key) -> [count, accuracy sum, exact sum]
 
-    def add(self, pred: str, answers, answer_type: str = "all", question_type: str = "") -> float:
+    def add(self, pred: str, answers, answer_type: str = "all", question_type: str = "",
+            groups: dict | None = None) -> float:
         """Score one prediction; returns its accuracy (VQA accuracy, or for the ``exact`` metric 1 when it
-        matches a reference)."""
+        matches a reference). ``groups``: the example's other groups (name -> value)."""
         acc = ACCURACY[self.metric](pred, answers)
-        t = self.totals.setdefault((answer_type, question_type), [0, 0.0, 0.0])
+        t = self.totals.setdefault(group_key(answer_type, question_type, groups), [0, 0.0, 0.0])
         t[0] += 1
         t[1] += acc
         t[2] += exact_match(pred, answers)
@@ -166,14 +169,14 @@ class VQAScore:
             self.add(p, a, t, q)
 
     def state(self) -> dict:
-        """Plain sums keyed ``"answer type\tquestion type"`` (JSON- and gather-friendly)."""
-        return {f"{a}\t{q}": list(v) for (a, q), v in self.totals.items()}
+        """Plain sums keyed by the groups as JSON (JSON- and gather-friendly)."""
+        return {k: list(v) for k, v in self.totals.items()}
 
     def merge(self, other) -> "VQAScore":
         """Add another accumulator's (or state dict's) sums into this one."""
         state = other.state() if isinstance(other, VQAScore) else other
         for key, (n, acc, em) in state.items():
-            t = self.totals.setdefault(tuple(key.split("\t", 1)), [0, 0.0, 0.0])
+            t = self.totals.setdefault(key, [0, 0.0, 0.0])
             t[0] += n
             t[1] += acc
             t[2] += em
@@ -184,23 +187,37 @@ class VQAScore:
 
     def summary(self) -> dict:
         """``{"metric", "accuracy", "exact_match", "count", "by_answer_type": {type: {same keys}},
-        "by_question_type": {...}}``; fractions. Records without a question type are left out of
-        ``by_question_type`` (empty when none has one)."""
+        "by_question_type": {...}, "by_group": {name: {value: {same keys}}}}``; fractions. Records without
+        a question type are left out of ``by_question_type`` (empty when none has one)."""
         def one(sums):
             n, acc, em = (sum(col) for col in zip(*sums)) if sums else (0, 0.0, 0.0)
             return {"accuracy": acc / n if n else 0.0, "exact_match": em / n if n else 0.0, "count": n}
 
-        def by(index):
-            groups = {}
-            for key, sums in self.totals.items():
-                if key[index]:
-                    groups.setdefault(key[index], []).append(sums)
-            return {k: one(v) for k, v in sorted(groups.items())}
+        return {"metric": self.metric, **one(list(self.totals.values())),
+                **summarise_groups(self.totals.items(), one)}
 
-        out = {"metric": self.metric, **one(list(self.totals.values()))}
-        out["by_answer_type"] = by(0)
-        out["by_question_type"] = by(1)
-        return out
+
+def group_key(answer_type: str = "all", question_type: str = "", groups: dict | None = None) -> str:
+    """One example's groups as a canonical JSON key: ``[answer type, question type, [[name, value], ...]]``."""
+    others = sorted((str(k), str(v)) for k, v in (groups or {}).items()
+                    if k not in ("answer_type", "question_type") and v not in (None, ""))
+    return json.dumps([answer_type or "all", question_type or "", others])
+
+
+def summarise_groups(items, one) -> dict:
+    """``by_answer_type``, ``by_question_type`` and ``by_group`` of ``(group key, sums)`` pairs, each
+    group's sums summarised by ``one(list of sums)``."""
+    answer, question, other = {}, {}, {}
+    for key, sums in items:
+        a, q, others = json.loads(key)
+        answer.setdefault(a, []).append(sums)
+        if q:
+            question.setdefault(q, []).append(sums)
+        for name, value in others:
+            other.setdefault(name, {}).setdefault(value, []).append(sums)
+    by = lambda groups: {k: one(v) for k, v in sorted(groups.items())}  # noqa: E731
+    return {"by_answer_type": by(answer), "by_question_type": by(question),
+            "by_group": {name: by(values) for name, values in sorted(other.items())}}
 
 
 ACCURACY = {"vqa": vqa_accuracy, "exact": label_match}  # the metrics of pipelines.data.example.METRICS

@@ -55,7 +55,7 @@ def _progress_bar(total: int, progress, desc: str):
 def evaluate(model, loader, tokenizer, modalities, accelerator, max_new_tokens: int, progress=None,
              threads=None, predictions: list | None = None, desc: str = "eval", metric: str = "vqa") -> dict:
     """The data's metric (VQA accuracy, or ``exact``: a match with a label) and exact match, overall
-    and by the examples' groups (VQA: by answer type and by question type), over this rank's share of
+    and by the examples' groups (VQA: by answer type and by question type; any other group name too), over this rank's share of
     ``loader``, summed over ranks. Examples without references (a test split) are answered and not
     scored.
 
@@ -86,7 +86,8 @@ def evaluate(model, loader, tokenizer, modalities, accelerator, max_new_tokens: 
             for i, refs in enumerate(batch["references"]):
                 if refs:
                     groups = batch["groups"][i]
-                    score.add(answers[i], refs, groups.get("answer_type") or "all", groups.get("question_type", ""))
+                    score.add(answers[i], refs, groups.get("answer_type") or "all", groups.get("question_type", ""),
+                              groups=groups)
             if predictions is not None:
                 predictions.extend(zip(batch["id"], answers))
             bar.update(len(answers))
