@@ -1,4 +1,4 @@
-"""``vqa-data``: write the synthetic shapes dataset, QA shards, and check shards against caches."""
+"""``vqa-data``: write the synthetic shapes and audio-visual datasets, QA shards, and check shards against caches."""
 
 import functools
 import json
@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..data.vqa import MAX_QUESTION_CHARS
-from .common import cli_errors, parse_caches, setup_logging
+from .common import cli_errors, parse_caches, parse_pairs, setup_logging
 
 
 def _fail_cleanly(fn):
@@ -90,6 +90,43 @@ def shapes(out, images, seed, size, questions_per_image, split, first_id, task):
     click.echo(line)
 
 
+@cli.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--clips", type=click.IntRange(min=1), default=2000, show_default=True, help="Number of clips.")
+@click.option("--seed", default=0, show_default=True, help="Seed: the same seed writes the same bytes.")
+@click.option("--size", default=96, show_default=True, help="Frame side in pixels.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True,
+              help="Each clip's chance to be in the val split (the rest is train).")
+@_fail_cleanly
+def avshapes(out, clips, seed, size, val_fraction):
+    """Write the audio-visual shapes dataset to OUT in the examples layout.
+
+    Each clip is a frame of 2 to 4 coloured shapes (OUT/frames/ID.png) and a 1 s sound
+    (OUT/clips/ID.wav, 16 kHz): 1 to 4 beeps, low or high, in the voice of one shape of the frame
+    (circle: whistle, square: buzz, triangle: sawtooth, diamond: chirp, cross: click). Six
+    questions per clip need the sound ("How many beeps are there?"), the frame ("What color is the
+    circle?") or both ("What color is the shape that is making the sound?"); groups "needs" and
+    "question_type" break the scores down. Prints the question-only baseline per kind of question.
+
+    Example:
+
+    \b
+        vqa-data avshapes data/av --clips 2000 --seed 0
+        embed data/av/frames --out cache/av-image --model vit_shapes_patch16_48
+        vqa-data shards data/av data/av-qa --train-splits train --eval-splits val
+    """
+    from ..data.avshapes import write_avshapes
+
+    with click.progressbar(length=clips, label="clips", file=sys.stderr) as bar:
+        summary = write_avshapes(out, clips=clips, seed=seed, size=size, val_fraction=val_fraction,
+                                 progress=bar.update)
+    counts = ", ".join(f"{k}: {v}" for k, v in summary["examples"].items())
+    line = f"wrote {summary['clips']} clips ({counts} examples) to {out}"
+    if summary["baseline"]:
+        line += "; question-only baseline " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in summary["baseline"].items())
+    click.echo(line + f" (embed {out}/frames and {out}/clips)")
+
+
 def _split_list(value):
     return [s.strip() for s in value.split(",") if s.strip()] if value else None
 
@@ -118,9 +155,12 @@ def _split_list(value):
 @click.option("--no-check-images", is_flag=True, help="Do not require the image files to exist.")
 @click.option("--max-question-chars", type=click.IntRange(min=1), default=MAX_QUESTION_CHARS, show_default=True,
               help="Refuse a question longer than this (VQA v2 questions are under 300 characters).")
+@click.option("--inline", "inline", multiple=True, metavar="FIELD=CACHE",
+              help="Carry a vector field's values in the shards (raw .npy members, from the cache CACHE), for "
+                   "nodes without the LMDB cache; fuse-train then needs no --cache for it. Repeat per field.")
 @_fail_cleanly
 def shards(vqa_dir, out, train_splits, eval_splits, select_fraction, splits, eval_fraction, split_by, seed,
-           shard_size, images_root, no_check_images, max_question_chars):
+           shard_size, images_root, no_check_images, max_question_chars, inline):
     """Make the train and eval sides of a dataset and write them as WebDataset shards to OUT.
 
     VQA_DIR is the official VQA v2 layout (or `vqa-data shapes` output), or a folder in the examples
@@ -137,14 +177,17 @@ def shards(vqa_dir, out, train_splits, eval_splits, select_fraction, splits, eva
     \b
         vqa-data shards data/shapes data/qa --split-by image --seed 0
         vqa-data shards VQA_DIR data/qa --train-splits train --eval-splits val --select-fraction 0.05 --images-root coco/
+        vqa-data shards data/shapes data/qa-inline --inline image=runs/cache
     """
     from ..data.shards import write_qa_shards
 
+    inline = parse_pairs(inline, "--inline", "image=runs/cache", form="FIELD=CACHE")
     manifest = write_qa_shards(vqa_dir, out, split_by=split_by, seed=seed, eval_fraction=eval_fraction,
                                shard_size=shard_size, splits=_split_list(splits),
                                train_splits=_split_list(train_splits), eval_splits=_split_list(eval_splits),
                                select_fraction=select_fraction, images_root=images_root,
-                               check_images=not no_check_images, max_question_chars=max_question_chars)
+                               check_images=not no_check_images, max_question_chars=max_question_chars,
+                               inline=inline)
     parts, what = [], "questions" if manifest["layout"] == "vqa-v2" else "examples"
     for side in ("train", "select", "eval"):
         if side in manifest:
@@ -152,7 +195,8 @@ def shards(vqa_dir, out, train_splits, eval_splits, select_fraction, splits, eva
             parts.append(f"{side}: {m['count']} {what}, {m['images']} images, {len(m['shards'])} shards")
     fields = manifest["fields"]
     click.echo(f"{'; '.join(parts)} -> {out} (text fields: {', '.join(fields['texts']) or 'none'}; vector fields: "
-               f"{', '.join(fields['vectors']) or 'none'}; metric: {manifest['metric']})")
+               f"{', '.join(fields['vectors']) or 'none'}; metric: {manifest['metric']}"
+               + (f"; inline: {', '.join(manifest['inline'])}" if manifest.get("inline") else "") + ")")
 
 
 @cli.command()

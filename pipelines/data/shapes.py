@@ -64,8 +64,13 @@ ANSWERS = 10
 def _scene(rng: random.Random):
     """2..6 objects: ``{"color", "shape", "row", "col", "x", "y", "r"}`` (x, y, r in cell units)."""
     n = rng.randint(2, 6)
-    kinds = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
-    cells = rng.sample([(row, col) for row in range(GRID) for col in range(GRID)], n)
+    return place(rng, rng.sample([(c, s) for c in COLORS for s in SHAPES], n))
+
+
+def place(rng: random.Random, kinds) -> list:
+    """Objects of the given ``(color, shape)`` kinds in distinct cells of the grid, each at a random
+    size and offset within its cell (the size conventions the demo ViT was trained on)."""
+    cells = rng.sample([(row, col) for row in range(GRID) for col in range(GRID)], len(kinds))
     objects = []
     for (color, shape), (row, col) in zip(kinds, cells):
         r = rng.uniform(0.26, 0.38)
