@@ -35,15 +35,17 @@ def existing_dir(final: Path) -> Path:
     return old if not final.exists() and old.exists() else final
 
 
-def read_format_json(path, fmt: str, what: str, error: type) -> dict:
+def read_format_json(path, fmt: str, what: str, error: type, raw: bytes | None = None) -> dict:
     """The JSON object in ``path`` whose ``"format"`` is ``fmt`` (a manifest, a dataset description).
+
+    Args:
+        raw: the file's bytes, read by the caller (a URL); default: read ``path``.
 
     Raises:
         error: ``path`` is not valid JSON, or not an object of that format (``not a FMT WHAT``).
     """
-    path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(Path(path).read_text() if raw is None else raw)
     except ValueError as e:
         raise error(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or data.get("format") != fmt:

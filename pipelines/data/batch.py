@@ -21,6 +21,7 @@ import torch
 from store import CorruptValueError, MissingIdError
 
 from ..errors import PipelineError
+from .inline import batch_values, is_inline
 from .tokens import char_limit, cut_text, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,12 @@ class Collate:
         vectors: the vector fields whose ids the batch carries.
         tokenizer: see :func:`~pipelines.data.tokens.load_tokenizer`.
         max_answer_len: the target's token limit.
+        inline: the vector fields whose values the examples carry (:mod:`pipelines.data.inline`):
+            stacked here, in the worker, as ``batch["inline"][name]`` (B, *shape).
     """
 
-    def __init__(self, texts: dict, vectors=(), tokenizer: str = "byt5", max_answer_len: int = 32):
-        self.texts, self.vectors = dict(texts), list(vectors)
+    def __init__(self, texts: dict, vectors=(), tokenizer: str = "byt5", max_answer_len: int = 32, inline=()):
+        self.texts, self.vectors, self.inline = dict(texts), list(vectors), list(inline)
         self.tokenizer_name, self.max_answer_len = tokenizer, max_answer_len
         self._tokenizer = None
         self._warned = False  # about a cut text: once per process and stream
@@ -121,32 +124,42 @@ class Collate:
             "target": targets,
             "references": [list(s["references"]) for s in samples],
             "groups": [s.get("groups") or {} for s in samples],
+            "inline": {name: batch_values(samples, name) for name in self.inline},
         }
 
 
 class AttachVectors:
     """Completes a :class:`Collate` batch where it is consumed: numpy -> tensors, and
     ``batch["vectors"][name]`` = the cache values of ``batch["ids"][name]``, (B, *value shape), in
-    the cache's dtype (float16, bfloat16 or float32), each copied once from the memory map."""
+    the cache's dtype (float16, bfloat16 or float32), each copied once from the memory map, or the
+    values the batch carries (an inline field: :mod:`pipelines.data.inline`)."""
 
     def __init__(self, readers: dict):
         self.readers = readers
 
-    def values(self, name: str, ids: list) -> torch.Tensor:
+    def values(self, name: str, batch: dict) -> torch.Tensor:
+        reader = self.readers[name]
+        if is_inline(reader):
+            out = batch["inline"][name]  # (B, *value shape), stacked by the worker
+        else:
+            out = self.lookup(name, batch["ids"][name])
+        t = torch.from_numpy(out)
+        return t.view(torch.bfloat16) if reader.meta.dtype == "bfloat16" else t
+
+    def lookup(self, name: str, ids: list):
         reader = self.readers[name]
         try:
-            out = reader.get_batch(ids)  # (B, *value shape), valid after forks: a copy
+            return reader.get_batch(ids)  # (B, *value shape), valid after forks: a copy
         except (MissingIdError, CorruptValueError) as e:
             hint = " (run the pre-flight check first)" if isinstance(e, MissingIdError) else ""
             raise type(e)(f"{name} {e}{hint}") from None
-        t = torch.from_numpy(out)
-        return t.view(torch.bfloat16) if reader.meta.dtype == "bfloat16" else t
 
     def __call__(self, batch: dict) -> dict:
         out = dict(batch)
         out["tokens"] = {name: (torch.as_tensor(ids), torch.as_tensor(mask)) for name, (ids, mask) in batch["tokens"].items()}
         out["labels"] = torch.as_tensor(batch["labels"])
-        out["vectors"] = {name: self.values(name, batch["ids"][name]) for name in self.readers if name in batch["ids"]}
+        out["vectors"] = {name: self.values(name, batch) for name in self.readers if name in batch["ids"]}
+        out.pop("inline", None)
         return out
 
 

@@ -42,6 +42,8 @@ from .example import (
     read_dataset_info,
     read_examples,
 )
+from .inline import manifest_entry, sample_members
+from .remote import check_location, is_url, join, read_bytes
 from .splits import split_records
 from .tokens import build_word_tokenizer
 from .vqa import MAX_QUESTION_CHARS, QARecord, discover_splits, read_vqa
@@ -61,7 +63,7 @@ def record_dict(record) -> dict:
     return record.to_dict() if isinstance(record, Example) else dict(record)
 
 
-def write_shards(records, pattern, shard_size: int = 1000, min_shards: int = 1) -> list:
+def write_shards(records, pattern, shard_size: int = 1000, min_shards: int = 1, inline: dict | None = None) -> list:
     """Write examples to shards named by ``pattern`` (e.g. ``out/train-%06d.tar``), one sample per run
     of examples with the same image id (:func:`~pipelines.data.example.group_key`; see the module
     docstring).
@@ -77,6 +79,8 @@ def write_shards(records, pattern, shard_size: int = 1000, min_shards: int = 1) 
         shard_size: at most this many records per shard.
         min_shards: make at least this many shards when there are enough images (so that nodes
             and DataLoader workers, which split by shard, each get some).
+        inline: vector field -> :class:`store.CacheReader` whose values each sample carries as
+            ``FIELD.npy`` (:mod:`pipelines.data.inline`); every id must be in its cache.
 
     Returns:
         The shard paths, in order.
@@ -94,7 +98,8 @@ def write_shards(records, pattern, shard_size: int = 1000, min_shards: int = 1) 
 
         def write_group():
             nonlocal group, in_shard, samples, written
-            sink.write({"__key__": f"{samples:09d}", "json": json.dumps(group).encode("utf-8")})
+            sink.write({"__key__": f"{samples:09d}", "json": json.dumps(group).encode("utf-8"),
+                        **sample_members(group, inline or {})})
             in_shard, samples, written, group = in_shard + len(group), samples + 1, written + len(group), []
 
         for i, r in enumerate(records):
@@ -179,7 +184,7 @@ def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_f
                     shard_size: int = 1000, min_shards: int = 8, splits=None,
                     check_images: bool = True, max_question_chars: int = MAX_QUESTION_CHARS,
                     train_splits=None, eval_splits=None, select_fraction: float = 0.0,
-                    images_root=None) -> dict:
+                    images_root=None, inline: dict | None = None) -> dict:
     """Read a dataset, make the train and eval sides (and a select side if asked) and write them
     as shards.
 
@@ -200,6 +205,8 @@ def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_f
             split with annotations.
         select_fraction: the share of the train side's images held out as the select side (0: none).
         images_root: the folder holding the image folders ``{split}2014/`` (default ``vqa_dir``).
+        inline: vector field -> cache folder whose values the samples carry (``--inline image=CACHE``,
+            :mod:`pipelines.data.inline`); each is checked to hold every id before anything is written.
 
     Returns:
         The manifest (also written to ``out/manifest.json``).
@@ -208,6 +215,7 @@ def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_f
         ValueError: settings that do not go together, or a fraction that leaves a side empty (exit 2).
         VQAFormatError: the VQA files are missing or malformed.
         DatasetExistsError: ``out`` holds shards already.
+        MissingEmbeddingsError: an ``inline`` cache lacks ids of the data (nothing is written).
     """
     out = Path(out)
     plan = side_splits(vqa_dir, splits, train_splits, eval_splits, eval_fraction)
@@ -216,6 +224,7 @@ def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_f
     _refuse_existing(out)
     records, info = read_source(vqa_dir, plan["splits"], check_images, max_question_chars, images_root)
     fields = fields_of(records)
+    readers = open_inline(inline or {}, fields, records)
     if plan["eval_splits"]:
         sides = {"train": [r for r in records if r.split in plan["train_splits"]],
                  "eval": [r for r in records if r.split in plan["eval_splits"]]}
@@ -239,11 +248,14 @@ def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_f
         "layout": info["layout"], "fields": fields, "metric": info["metric"],
         "images": len({group_key(r) for r in records}),
     }
+    if readers:
+        manifest["inline"] = manifest_entry(readers)
     for side in SIDES:
         if side not in sides:
             continue
         recs = sides[side]
-        paths = write_shards(recs, out / f"{side}-%06d.tar", shard_size=shard_size, min_shards=min_shards)
+        paths = write_shards(recs, out / f"{side}-%06d.tar", shard_size=shard_size, min_shards=min_shards,
+                             inline=readers)
         manifest[side] = {"count": len(recs), "images": len({group_key(r) for r in recs}),
                           "shards": [Path(p).name for p in paths]}
     # A word-level tokenizer of the training side (texts, targets and references), for small
@@ -256,11 +268,37 @@ def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_f
     return manifest
 
 
+def open_inline(inline: dict, fields: dict, records: list) -> dict:
+    """The caches of ``--inline FIELD=CACHE``, each checked to be a vector field of the data holding
+    every id the records name (before any shard is written)."""
+    from store import CacheReader
+
+    from .preflight import preflight
+
+    for name in inline:
+        if name not in fields["vectors"]:
+            raise ValueError(f"--inline {name}=CACHE: the data has no vector field {name!r} (vector fields: "
+                             f"{', '.join(fields['vectors']) or 'none'})")
+    readers = {name: CacheReader(path) for name, path in inline.items()}
+    preflight([record_dict(r) for r in records], readers)  # MissingEmbeddingsError naming the cache and ids
+    return readers
+
+
 def read_manifest(out) -> dict:
-    path = Path(out) / MANIFEST
-    if not path.is_file():
+    """The manifest of a shard folder, a local path or a URL (:mod:`pipelines.data.remote`).
+
+    Raises:
+        PipelineError: no manifest, not one, or of another version.
+    """
+    path = join(out, MANIFEST)
+    check_location(path)
+    if not is_url(path) and not Path(path).is_file():
         raise PipelineError(f"{path}: no such file (not a shard folder, or `vqa-data shards` did not finish)")
-    manifest = read_format_json(path, MANIFEST_FORMAT, "manifest", PipelineError)
+    try:
+        raw = read_bytes(path)
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read it ({e})") from None
+    manifest = read_format_json(path, MANIFEST_FORMAT, "manifest", PipelineError, raw=raw)
     if manifest.get("version") != MANIFEST_VERSION:
         raise PipelineError(f"{path}: shards of format version {manifest.get('version')}, this version reads "
                             f"{MANIFEST_VERSION}: write them again with `vqa-data shards`")
@@ -279,10 +317,10 @@ def shard_paths(out, side: str) -> list:
         raise ValueError(f"side {side!r}: choose one of {', '.join(SIDES)}")
     manifest = read_manifest(out)
     if side not in manifest:
-        raise PipelineError(f"{Path(out) / MANIFEST}: no {side} side (`vqa-data shards` writes one with "
+        raise PipelineError(f"{join(out, MANIFEST)}: no {side} side (`vqa-data shards` writes one with "
                             "--select-fraction)")
-    paths = [str(Path(out) / name) for name in manifest[side]["shards"]]
+    paths = [join(out, name) for name in manifest[side]["shards"]]
     for p in paths:
-        if not os.path.isfile(p):
+        if not is_url(p) and not os.path.isfile(p):
             raise PipelineError(f"{p}: shard listed in {Path(out) / MANIFEST} is missing")
     return paths

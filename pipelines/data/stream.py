@@ -4,12 +4,15 @@ Training (:func:`train_loader`) runs a ``wds.DataPipeline`` (:func:`train_pipeli
 DataLoader workers::
 
     shard list (shuffled per epoch; or resampled) -> split by node -> split by DataLoader worker
-    -> tar members (one per image) -> JSON decode (nothing else: no pickle) -> the image's records
-    -> unlisted -> shuffle buffer of records (seeded per epoch, rank and worker) -> [drop records
-    with missing ids, if allowed] -> batch: tokenize, pad
+    -> tar members (one per image; shards are local paths or URLs: :mod:`pipelines.data.remote`)
+    -> JSON decode (nothing else: no pickle) -> the image's records [with their inline values,
+    raw .npy] -> unlisted -> shuffle buffer of records (seeded per epoch, rank and worker) -> [drop
+    records with missing ids, if allowed] -> batch: tokenize, pad [, stack inline values]
 
 and attaches each vector modality's cache values by id in the loading process, one copy from the
-cache's memory map into the batch (why there and not in the workers: :mod:`pipelines.data.batch`).
+cache's memory map into the batch (why there and not in the workers: :mod:`pipelines.data.batch`);
+a field whose values the shards carry (``--cache FIELD=inline``: :mod:`pipelines.data.inline`)
+comes stacked from the workers instead.
 Every stage is a module-level function or class, so the pipeline pickles into spawned workers; a
 :class:`store.CacheReader` travels as its path and opens read-only, lazily, in each process.
 
@@ -52,6 +55,8 @@ key                type                         what
 
 import json
 import logging
+import os
+import posixpath
 import random
 from dataclasses import dataclass, field
 
@@ -71,7 +76,9 @@ from .batch import (
     as_is,
 )
 from .example import DEFAULT_TEXT_LEN
+from .inline import INLINE, InlineVectors, attach, lmdb_readers
 from .preflight import PreflightReport, preflight
+from .remote import is_url, shard_samples
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +93,8 @@ class StreamConfig:
     Attributes:
         shards: shard paths, or one brace pattern (``qa/train-{000000..000007}.tar``).
         caches: vector field -> cache path, e.g. ``{"image": "cache/"}`` (``--cache image=PATH``); none
-            for a text-only model. Each is looked up by the example's own id for that field.
+            for a text-only model. Each is looked up by the example's own id for that field; a field
+            whose path is ``inline`` reads its values from the shards (:mod:`pipelines.data.inline`).
         texts: text field -> its token limit, e.g. ``{"question": 128, "title": 32}``: the text fields
             the batches carry (longer texts are truncated; ByT5 tokens are bytes: the shapes
             questions take up to 70).
@@ -101,6 +109,8 @@ class StreamConfig:
         allow_missing: drop records whose id a cache lacks instead of failing (counted by
             :func:`preflight`).
         max_answer_len: the target's token limit.
+        inline: field -> the shard manifest's ``inline`` entry, for the fields read inline (the
+            manifest's ``inline``; :func:`pipelines.train.streams.stream_settings` fills it).
     """
 
     shards: list
@@ -115,6 +125,7 @@ class StreamConfig:
     resample: bool = False
     allow_missing: bool = False
     max_answer_len: int = 32
+    inline: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.shards, str):
@@ -123,6 +134,10 @@ class StreamConfig:
         if not self.shards:
             raise ValueError("--shards: no shard files given")
         self.caches = {str(k): v for k, v in self.caches.items()}
+        for name in self.inline_fields():
+            if name not in self.inline:
+                raise ValueError(f"--cache {name}={INLINE}: the shards carry no {name} values (write them with "
+                                 f"`vqa-data shards --inline {name}=CACHE`, or give --cache {name}=PATH)")
         for name in self.expect:
             if name not in self.caches:
                 raise ValueError(f"--cache {name}=PATH: {name!r} has an expectation but no cache")
@@ -139,6 +154,15 @@ class StreamConfig:
                 raise ValueError(f"{what} {n}: must be an integer >= {low}")
 
 
+    def inline_fields(self) -> list:
+        """The vector fields whose values the shards carry (``--cache FIELD=inline``)."""
+        return [name for name, path in self.caches.items() if str(path) == INLINE]
+
+    def where(self) -> str:
+        """The shard folder, for messages."""
+        return posixpath.dirname(self.shards[0]) if is_url(self.shards[0]) else os.path.dirname(self.shards[0])
+
+
 def rank_info():
     """``(rank, world_size)`` from torch.distributed or the RANK / WORLD_SIZE variables."""
     rank, world_size, _, _ = pytorch_worker_info()
@@ -148,15 +172,17 @@ def rank_info():
 # ---- stages -------------------------------------------------------------------------------------
 
 def decode_json(key: str, data: bytes):
-    """The one decoder handler of the stream: JSON members only (never pickle or torch.load)."""
+    """The one decoder handler of the stream: JSON members only (never pickle or torch.load; inline
+    ``.npy`` members are read by :func:`pipelines.data.inline.attach`, without pickle)."""
     if key.lower().endswith(".json"):
         return json.loads(data)
     return None
 
 
-def parse_records(sample: dict) -> list:
+def parse_records(sample: dict, inline=()) -> list:
     """A decoded tar sample -> its example dicts (one image's questions: :mod:`pipelines.data.shards`),
-    each checked for the fields the stream needs."""
+    each checked for the fields the stream needs and given the values of the ``inline`` fields
+    (:func:`pipelines.data.inline.attach`)."""
     recs = sample.get("json")
     where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')}"
     if not isinstance(recs, list):
@@ -169,7 +195,18 @@ def parse_records(sample: dict) -> list:
             if name not in rec:
                 raise PipelineError(f"{where}: example {i} has no {name} (shards of another version? write them "
                                     "again with `vqa-data shards`)")
+    attach(recs, sample, where, inline)
     return recs
+
+
+class ParseRecords:
+    """Stream stage: :func:`parse_records` with the inline fields to read (a class: workers pickle it)."""
+
+    def __init__(self, inline=()):
+        self.inline = list(inline)
+
+    def __call__(self, sample: dict) -> list:
+        return parse_records(sample, self.inline)
 
 
 class Shuffle:
@@ -196,23 +233,30 @@ def open_caches(config: "StreamConfig") -> dict:
         store.MetadataMismatch: a cache was built with other settings than the model expects.
         store.NotACacheError: a path holds no cache.
     """
-    return {name: CacheReader(path, expect=config.expect.get(name)) for name, path in config.caches.items()}
+    return {name: InlineVectors(config.inline[name], config.where(), config.expect.get(name)) if str(path) == INLINE
+            else CacheReader(path, expect=config.expect.get(name)) for name, path in config.caches.items()}
 
 
 def make_collate(config: "StreamConfig") -> Collate:
-    collate = Collate(config.texts, list(config.caches), config.tokenizer, config.max_answer_len)
+    collate = Collate(config.texts, list(config.caches), config.tokenizer, config.max_answer_len,
+                      inline=config.inline_fields())
     collate.tokenizer  # a bad tokenizer fails here, not in a worker (it is not pickled)
     return collate
 
 
-def read_records(shards) -> list:
-    """Every record of the shards, in shard order, in this process (eval sets, pre-flight checks)."""
+def read_records(shards, inline=()) -> list:
+    """Every record of the shards, in shard order, in this process (eval sets, pre-flight checks).
+
+    Args:
+        inline: the fields whose inline values the records get (held in memory as long as the
+            records are).
+    """
     shards = wds.shardlists.expand_urls(shards) if isinstance(shards, str) else [str(s) for s in shards]
     pipe = wds.DataPipeline(
         wds.SimpleShardList(shards),
-        wds.tarfile_to_samples(),
+        shard_samples(),  # local paths or URLs (pipelines.data.remote)
         wds.decode(decode_json, only=["json"], post=[]),
-        wds.map(parse_records),
+        wds.map(ParseRecords(inline)),
         unlisted(),
     )
     return list(pipe)
@@ -228,7 +272,7 @@ def check_stream(config: StreamConfig, readers: dict | None = None) -> Preflight
         config: the side to check.
         readers: the caches, as :func:`open_caches` returns them (opened here if ``None``).
     """
-    return preflight(read_records(config.shards), readers or open_caches(config), config.allow_missing)
+    return preflight(read_records(config.shards), lmdb_readers(readers or open_caches(config)), config.allow_missing)
 
 
 def check_shards(shard_dir, caches: dict, expect: dict | None = None) -> dict:
@@ -246,7 +290,8 @@ def check_shards(shard_dir, caches: dict, expect: dict | None = None) -> dict:
     report, readers = {}, None
     manifest = read_manifest(shard_dir)
     for side in (s for s in SIDES if s in manifest):
-        config = StreamConfig(shards=shard_paths(shard_dir, side), caches=caches, expect=expect or {})
+        config = StreamConfig(shards=shard_paths(shard_dir, side), caches=caches, expect=expect or {},
+                              inline=manifest.get("inline", {}))
         readers = readers or open_caches(config)
         r = check_stream(config, readers)
         report[side] = {"records": r.records, "missing": r.missing}
@@ -275,12 +320,12 @@ def train_pipeline(config: StreamConfig, epoch: int = 0, readers: dict | None = 
                   wds.split_by_node, wds.split_by_worker]
     return wds.DataPipeline(
         *source,
-        wds.tarfile_to_samples(),  # tar members -> {"__key__", "__url__", "json": bytes}
+        shard_samples(),  # tar members -> {"__key__", "__url__", "json": bytes, ...}; paths or URLs
         wds.decode(decode_json, only=["json"], post=[]),  # JSON only: no pickle, no torch.load
-        wds.map(parse_records),  # one image's records
+        wds.map(ParseRecords(config.inline_fields())),  # one image's records, with their inline values
         unlisted(),  # -> records
         Shuffle(config.shuffle_buffer, config.seed, epoch),
-        DropMissing(readers or open_caches(config)) if config.allow_missing else None,  # None: no stage
+        DropMissing(lmdb_readers(readers or open_caches(config))) if config.allow_missing else None,  # None: no stage
         wds.batched(config.batch_size, collation_fn=make_collate(config), partial=True),
     )
 
@@ -336,8 +381,8 @@ def eval_loader(config: StreamConfig, rank: int | None = None, world_size: int |
     if rank is None or world_size is None:
         rank, world_size = rank_info()
     readers = readers or open_caches(config)
-    records = read_records(config.shards) if records is None else records
-    report = preflight(records, readers, config.allow_missing)
+    records = read_records(config.shards, config.inline_fields()) if records is None else records
+    report = preflight(records, lmdb_readers(readers), config.allow_missing)
     kept = report.kept[:limit] if limit else report.kept
     kw = {"num_workers": config.num_workers, **loader_kw}
     if kw["num_workers"] == 0:

@@ -58,6 +58,7 @@ class TrainConfig:
         shards: folder written by ``vqa-data shards`` (train and eval sides, manifest).
         caches: vector field -> embedding cache (``--cache image=PATH``). A field of ``fuse`` with a cache
             is a vector field, looked up by its own id; one without is a text field of the data.
+            ``inline`` (the default for a field the shards carry): the values come with the shards.
         out: run directory.
         t5: a T5 preset of ``fuse.T5_PRESETS`` (random weights), a hub name or a local directory.
         fuse: fusion spec, e.g. ``"0:question 6:image"`` or ``"0:title,question 4:image 7:audio"``: any
@@ -262,8 +263,9 @@ class TrainConfig:
     def resolve(cls, preset: str = "", file: str = None, **flags) -> "TrainConfig":
         """Preset, then config file, then flags (``None`` flags are not given).
 
-        A preset's positions and cache expectations apply only to the vector fields the final ``fuse``
-        has (fused, with a cache), so ``--preset demo --fuse 0:question`` is the preset's question-only
+        A fused field whose values the shards carry (``vqa-data shards --inline``) and that has no
+        ``--cache`` gets ``--cache FIELD=inline``. A preset's positions and cache expectations apply only
+        to the vector fields the final ``fuse`` has (fused, with a cache), so ``--preset demo --fuse 0:question`` is the preset's question-only
         model, no cache needed, and ``--preset demo`` without ``--cache`` resolves (the data's check
         then asks for the cache).
         """
@@ -284,8 +286,27 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{file or 'config'}: unknown setting(s) {', '.join(unknown)}")
+        if values.get("shards"):
+            values["caches"] = {**_inline_caches(values["shards"], values.get("fuse", cls.fuse)),
+                                **(values.get("caches") or {})}
         values.update(_for_fused(own, values.get("fuse", cls.fuse), values.get("caches") or {}))
         return cls(**values)
+
+
+def _inline_caches(shards, fuse) -> dict:
+    """``{field: "inline"}`` for each fused field whose values the shards carry (``vqa-data shards
+    --inline``): such a field needs no ``--cache``. Nothing when the manifest cannot be read (the run
+    names that error when it opens the data)."""
+    from ..data.inline import INLINE
+    from ..data.shards import read_manifest
+    from ..errors import PipelineError
+
+    try:
+        inline = read_manifest(shards).get("inline") or {}
+        fused = FusionSpec.coerce(fuse).modalities()
+    except (PipelineError, ValueError):
+        return {}
+    return {name: INLINE for name in fused if name in inline}
 
 
 def _for_fused(own: dict, fuse, caches) -> dict:

@@ -1,6 +1,6 @@
 """The stream settings of a run: its train and eval sides as :class:`~pipelines.data.stream.StreamConfig`."""
 
-from ..data.shards import shard_paths
+from ..data.shards import read_manifest, shard_paths
 from ..data.stream import StreamConfig, train_loader
 from .config import TrainConfig
 
@@ -8,7 +8,8 @@ from .config import TrainConfig
 def stream_settings(cfg: TrainConfig) -> dict:
     """What every stream of a run shares: caches, text fields, tokenizer, workers, seed, limits."""
     return dict(caches=cfg.caches, texts=cfg.text_lens(), expect=cfg.expect, tokenizer=cfg.tokenizer_path(), num_workers=cfg.num_workers,
-                seed=cfg.seed, allow_missing=cfg.allow_missing, max_answer_len=cfg.max_answer_len)
+                seed=cfg.seed, allow_missing=cfg.allow_missing, max_answer_len=cfg.max_answer_len,
+                inline=read_manifest(cfg.shards).get("inline") or {})
 
 
 def eval_stream_config(cfg: TrainConfig, shards: list) -> StreamConfig:
