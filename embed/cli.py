@@ -1,4 +1,4 @@
-"""``embed``: images -> ViT patch tokens -> the LMDB cache, from the shell."""
+"""``embed``: images, audio or video -> encoder tokens -> the LMDB cache, from the shell."""
 
 import json
 import logging
@@ -9,7 +9,8 @@ import click
 
 from store import DTYPES, StoreError
 
-from .config import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, PRECISIONS, SOURCE_KINDS, EmbedConfig
+from .config import (DEFAULT_AUDIO_MODEL, DEFAULT_FRAMES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, MODALITIES, PRECISIONS,
+                     SOURCE_KINDS, EmbedConfig)
 from .errors import EmbedError
 
 
@@ -24,19 +25,25 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+_NOUNS = {"image": "image", "audio": "clip", "video": "video"}
+
+
 def _format_summary(s) -> list[str]:
+    noun = {"image": "images", "audio": "clips", "video": "videos"}[s.modality]
+    flags = ", ".join(f"{k} {v}" for k, v in s.flag_counts.items())
     rows = [("cache", s.cache),
-            ("images", f"{s.total} in the sources"),
-            ("embedded", str(s.embedded)),
+            (noun, f"{s.total} in the sources"),
+            ("embedded", str(s.embedded) + (f" ({s.values} values: windows)" if s.values != s.embedded else "")),
             ("skipped", f"{s.skipped} (already in the cache)"),
             ("failed", f"{s.failed}" + (f" (see {s.failures_path})" if s.failures_path else "")),
+            ("flagged", f"{s.flagged}" + (f": {flags} (embedded; see {s.flags_path})" if s.flags_path else "")),
             ("value", f"{'x'.join(map(str, s.shape))} {s.dtype}"),
             ("weights", s.weights),
             ("processes", f"{s.processes} on {s.device}"),
             ("time", f"{s.wall_s:.1f} s wall, {s.embed_s:.1f} s embedding; decode {s.decode_s:.1f} s "
                      f"(worker time), waiting for data {s.wait_s:.1f} s, model {s.model_s:.1f} s, "
                      f"write {s.write_s:.1f} s (background), merge {s.merge_s:.1f} s"),
-            ("speed", f"{s.images_per_s:.1f} images/s ({s.embedded / s.embed_s if s.embed_s else 0:.1f} "
+            ("speed", f"{s.images_per_s:.1f} {noun}/s ({s.embedded / s.embed_s if s.embed_s else 0:.1f} "
                       "while embedding)")]
     width = max(len(k) for k, _ in rows)
     return [f"{k:<{width}}  {v}" for k, v in rows]
@@ -46,7 +53,14 @@ def _format_summary(s) -> list[str]:
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False),
               help="The cache directory: created, or resumed (ids it holds are skipped).")
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="A timm model name.")
+@click.option("--modality", type=click.Choice(MODALITIES), default="image", show_default=True,
+              help="What IMAGES hold: image files, audio files (or the audio track of mp4/webm/mkv), or video "
+                   "files (T frames each through the timm model).")
+@click.option("--model",
+              help=f"image, video: a timm model name [default: {DEFAULT_MODEL}]. audio: a transformers audio "
+                   "encoder by hub id or save_pretrained folder (AST, Whisper's encoder, wav2vec2, HuBERT, "
+                   f"WavLM, CLAP's audio tower), or ast_sounds_demo (shipped) [default: {DEFAULT_AUDIO_MODEL}: "
+                   "AudioSet-trained, patch tokens like ViT-B/16's, 768 wide; 1214x768 per 10 s].")
 @click.option("--pretrained/--no-pretrained", default=None,
               help="The model's pretrained weights: those shipped with this project (the demo ViT "
                    "vit_shapes_patch16_48's) or else from the hub; --no-pretrained: random weights "
@@ -79,17 +93,32 @@ def _format_summary(s) -> list[str]:
 @click.option("--decode-on-device", is_flag=True, help="Decode JPEGs on the GPU (nvjpeg).")
 @click.option("--pin-memory/--no-pin-memory", default=None, help="[default: on with CUDA]")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of a random initialisation.")
+@click.option("--clip-seconds", type=float,
+              help="audio: crop or zero-pad every file to this length [default: the encoder's own: 10 s for AST, "
+                   "30 s for Whisper].")
+@click.option("--windows", is_flag=True,
+              help="audio: a file longer than the clip becomes consecutive windows, stored as ID#w0, ID#w1, ... "
+                   "(the last one padded) instead of being cropped to its start.")
+@click.option("--frames", type=int,
+              help=f"video: frames T per clip, spread uniformly over it [default: {DEFAULT_FRAMES}].")
+@click.option("--fps", type=float,
+              help="video: take frames at this rate from the start instead (at most --frames; a shorter clip "
+                   "repeats its last frame).")
+@click.option("--frame-pool", default="none", show_default=True, metavar="none|mean|grid:K",
+              help="video: per frame keep every patch token, their mean, or K tokens (adaptive average pooling of "
+                   "the patch grid; K a square). Stored: (T*K, D), frame-major.")
 @click.option("--failures", type=click.Path(dir_okay=False),
-              help="Failures report (JSON lines) [default: CACHE.failures.jsonl beside the cache].")
-@click.option("--strict", is_flag=True, help="Exit 1 if any image failed.")
+              help="Failures report (JSON lines) [default: CACHE.failures.jsonl beside the cache]. Items "
+                   "embedded with a remark (padded, cropped, resampled, silent) go to CACHE.flags.jsonl.")
+@click.option("--strict", is_flag=True, help="Exit 1 if any item failed (flags do not count).")
 @click.option("--progress/--no-progress", default=None, help="[default: when stderr is a terminal]")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
-def cli(images, out, model, pretrained, checkpoint, model_kwargs, img_size, layer, batch_size, dtype, device,
+def cli(images, out, modality, model, pretrained, checkpoint, model_kwargs, img_size, layer, batch_size, dtype, device,
         precision, num_workers, threads, source, id_pattern, max_pixels, draft, decode_on_device, pin_memory,
-        seed, failures, strict, progress, as_json, verbose, quiet):
-    """Embed IMAGES with a timm ViT into an LMDB cache (image id -> patch tokens).
+        seed, clip_seconds, windows, frames, fps, frame_pool, failures, strict, progress, as_json, verbose, quiet):
+    """Embed IMAGES (or audio or video files) into an LMDB cache (id -> encoder tokens).
 
     IMAGES are folders (recursive; id = the file name's stem, or 123456 for
     COCO_train2014_000000123456.jpg), list files of `id<TAB>path` lines, or uncompressed
@@ -100,12 +129,19 @@ def cli(images, out, model, pretrained, checkpoint, model_kwargs, img_size, laye
     the cache; a cache built with another model, weights or preprocessing is refused. Bad images
     are listed in CACHE.failures.jsonl and counted, and the run goes on.
 
+    --modality audio: decoded with soundfile, else PyAV (both ship their codecs), averaged to
+    mono, resampled to the encoder's rate (libswresample), cropped or padded to --clip-seconds.
+    --modality video: T frames per clip through the timm model, stored (T*tokens, D).
+
     Example:
 
     \b
         embed train2014/ --out cache/vit_b16 --pretrained --batch-size 256
         accelerate launch --num_processes 2 -m embed train2014/ --out cache/vit_b16 --pretrained
         embed shapes/train2014 --out cache/demo --model vit_shapes_patch16_48   # shipped weights
+        embed sounds/ --modality audio --out cache/ast            # AudioSet AST, 10 s clips
+        embed sounds/ --modality audio --model ast_sounds_demo --windows --out cache/demo_audio
+        embed clips/ --modality video --frames 8 --frame-pool grid:4 --out cache/video
     """
     _setup_logging(verbose, quiet)
     try:
@@ -114,7 +150,8 @@ def cli(images, out, model, pretrained, checkpoint, model_kwargs, img_size, laye
             model_kwargs=model_kwargs, img_size=img_size, layer=layer, batch_size=batch_size, dtype=dtype,
             device=device, precision=precision, num_workers=num_workers, threads=threads, source=source,
             id_pattern=id_pattern, max_pixels=max_pixels, draft=draft, decode_on_device=decode_on_device,
-            pin_memory=pin_memory, seed=seed, failures=failures,
+            pin_memory=pin_memory, seed=seed, failures=failures, modality=modality, clip_seconds=clip_seconds,
+            windows=windows, frames=frames, fps=fps, frame_pool=frame_pool,
             progress=sys.stderr.isatty() if progress is None else progress)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
@@ -140,7 +177,7 @@ def cli(images, out, model, pretrained, checkpoint, model_kwargs, img_size, laye
         for line in _format_summary(summary):
             click.echo(line)
     if strict and summary.failed:
-        raise click.ClickException(f"{summary.failed} image(s) failed (--strict); see {summary.failures_path}")
+        raise click.ClickException(f"{summary.failed} {_NOUNS[summary.modality]}(s) failed (--strict); see {summary.failures_path}")
 
 
 def main():

@@ -11,6 +11,12 @@ from store import DTYPES
 SOURCE_KINDS = ("auto", "folder", "list", "wds")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_MODEL = "vit_base_patch16_224"
+MODALITIES = ("image", "audio", "video")
+# AudioSet-trained (527 sound classes, the domain of VGGSound/AudioSet/VALOR), and its tokens are
+# patch tokens like ViT-B/16's: 1214 x 768 for 10 s after the cls and distillation tokens.
+DEFAULT_AUDIO_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
+DEFAULT_FRAMES = 8
+FRAME_POOLS = ("none", "mean", "grid:K")
 # PIL's own default (Image.MAX_IMAGE_PIXELS): about 0.25 GB of 24-bit pixels
 DEFAULT_MAX_PIXELS = 89_478_485
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -21,10 +27,13 @@ class EmbedConfig:
     """Settings of one embedding run.
 
     Attributes:
-        images: image sources: folders, list files (``id<TAB>path``) or WebDataset ``.tar`` shards
+        images: the sources (images, audio or video files, per ``modality``): folders, list files (``id<TAB>path``) or WebDataset ``.tar`` shards
             (brace patterns such as ``imgs-{000..009}.tar`` are expanded).
         out: the cache directory (created, or resumed when it exists).
-        model: a timm model name.
+        model: a timm model name (image, video: run on each frame); for audio a transformers model:
+            hub id, local folder (``save_pretrained``) or a registered short name
+            (:data:`embed.audio_model.SHIPPED`). None: :data:`DEFAULT_MODEL`, or
+            :data:`DEFAULT_AUDIO_MODEL` for audio.
         pretrained: True: the model's pretrained weights (shipped with this project, as
             ``vit_shapes_patch16_48``'s, or from the hub); False: random weights (seeded by
             ``seed``); None (default): the shipped weights where the model has them (see
@@ -51,11 +60,19 @@ class EmbedConfig:
         failures: the failures report; None puts ``<out>.failures.jsonl`` beside the cache.
         queue_size: batches that may wait for the cache writer before the forward pass blocks.
         progress: show a progress bar on the main process.
+        modality: ``image``, ``audio`` or ``video``.
+        clip_seconds: audio: the fixed clip length (crop or pad); None: the encoder's natural length.
+        windows: audio: a file longer than the clip becomes consecutive windows ``{id}#w{k}``.
+        frames: video: frames T per clip (None: :data:`DEFAULT_FRAMES`).
+        fps: video: sample at this rate from the start (at most ``frames``, padded to it) instead of
+            spreading ``frames`` uniformly over the clip.
+        frame_pool: video: ``none`` (every patch token), ``mean`` (one token per frame) or
+            ``grid:K`` (K tokens per frame, K a square: adaptive average pooling of the patch grid).
     """
 
     images: tuple
     out: str
-    model: str = DEFAULT_MODEL
+    model: str | None = None
     pretrained: bool | None = None
     checkpoint: str | None = None
     model_kwargs: dict = field(default_factory=dict)
@@ -77,6 +94,12 @@ class EmbedConfig:
     failures: str | None = None
     queue_size: int = 2
     progress: bool = True
+    modality: str = "image"
+    clip_seconds: float | None = None
+    windows: bool = False
+    frames: int | None = None
+    fps: float | None = None
+    frame_pool: str = "none"
 
     def __post_init__(self):
         if isinstance(self.images, (str, os.PathLike)):
@@ -87,6 +110,10 @@ class EmbedConfig:
             raise ValueError("IMAGES: give at least one folder, list file or .tar shard")
         if not self.out:
             raise ValueError("--out: give the cache directory")
+        if self.modality not in MODALITIES:
+            raise ValueError(f"--modality {self.modality}: choose one of {', '.join(MODALITIES)}")
+        if self.model is None:
+            self.model = DEFAULT_AUDIO_MODEL if self.modality == "audio" else DEFAULT_MODEL
         if not self.model:
             raise ValueError("--model: give a timm model name, e.g. vit_base_patch16_224")
         if self.pretrained is not None and self.checkpoint:
@@ -137,6 +164,42 @@ class EmbedConfig:
                                  f"has {groups}")
         if Path(self.out).resolve() in {Path(p).resolve() for p in self.images}:
             raise ValueError(f"--out {self.out}: the cache cannot be one of the image sources")
+        self._check_modality_flags()
+
+    def _check_modality_flags(self) -> None:
+        """Each modality's own flags, refused with the others (they would be silently ignored)."""
+        given = {"--clip-seconds": self.clip_seconds is not None, "--windows": self.windows,
+                 "--frames": self.frames is not None, "--fps": self.fps is not None,
+                 "--frame-pool": self.frame_pool != "none", "--checkpoint": self.checkpoint is not None,
+                 "--model-kwargs": bool(self.model_kwargs), "--img-size": self.img_size is not None,
+                 "--decode-on-device": self.decode_on_device}
+        allowed = {"image": {"--checkpoint", "--model-kwargs", "--img-size", "--decode-on-device"},
+                   "audio": {"--clip-seconds", "--windows"},
+                   "video": {"--frames", "--fps", "--frame-pool", "--checkpoint", "--model-kwargs", "--img-size"}}
+        for flag, on in given.items():
+            if on and flag not in allowed[self.modality]:
+                raise ValueError(f"{flag} does not apply to --modality {self.modality}")
+        if self.clip_seconds is not None and not self.clip_seconds > 0:
+            raise ValueError(f"--clip-seconds {self.clip_seconds}: must be a positive number of seconds")
+        if self.modality == "video":
+            if self.frames is None:
+                self.frames = DEFAULT_FRAMES
+            _positive("--frames", self.frames)
+            if self.fps is not None and not self.fps > 0:
+                raise ValueError(f"--fps {self.fps}: must be a positive number of frames per second")
+            self.pool_tokens()  # validates --frame-pool
+
+    def pool_tokens(self) -> int | None:
+        """Tokens per frame that ``--frame-pool`` keeps: None (all), 1 (mean) or K (``grid:K``)."""
+        pool = self.frame_pool
+        if pool == "none":
+            return None
+        if pool == "mean":
+            return 1
+        k = pool.removeprefix("grid:")
+        if pool.startswith("grid:") and k.isdigit() and int(k) > 0 and round(int(k) ** 0.5) ** 2 == int(k):
+            return int(k)
+        raise ValueError(f"--frame-pool {pool}: choose none, mean or grid:K with K a square (1, 4, 9, 16, ...)")
 
     def failures_path(self) -> Path:
         """Where failed images are reported: ``--failures`` or ``<out>.failures.jsonl``."""
@@ -144,6 +207,13 @@ class EmbedConfig:
             return Path(self.failures)
         out = Path(self.out)
         return out.with_name(out.name + ".failures.jsonl")
+
+    def flags_path(self) -> Path:
+        """Where items embedded with a remark (padded, cropped, resampled, silent) are listed:
+        ``<out>.flags.jsonl`` beside the cache (beside ``--failures`` when that is given)."""
+        failures = self.failures_path()
+        return failures.with_name(failures.name.removesuffix(".failures.jsonl").removesuffix(".jsonl")
+                                  + ".flags.jsonl")
 
     def part_path(self, rank: int) -> Path:
         """The cache part that process ``rank`` of a distributed run writes."""

@@ -1,4 +1,8 @@
-"""``embed(config)``: images -> timm ViT tokens -> the LMDB cache, resumable and distributed.
+"""``embed(config)``: images, audio or video -> encoder tokens -> the LMDB cache, resumable and distributed.
+
+One loop for every modality: a per-modality embedder (:mod:`embed.modality`) scans the sources,
+decodes in DataLoader workers (bad input becomes a failure, odd input a flag, never an exception)
+and runs the model; this module plans, splits, writes, merges and reports.
 
 One process or many (``accelerate launch -m embed``). The main process scans the sources, merges
 cache parts a killed run left behind, opens the cache (refusing one made by another model,
@@ -24,12 +28,9 @@ import torch
 from store import CacheWriter, StoreError, merge
 
 from .config import EmbedConfig
-from .data import ImageDataset, collate
-from .decode import draft_target_of
 from .errors import EmbedError, SourceError
 from .launcher import stop_with_launcher
-from .model import LoadedModel, load_model
-from .sources import scan
+from .modality import make_embedder
 from .writer import BackgroundWriter
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,16 @@ class EmbedSummary:
 
     Attributes:
         cache: the cache directory.
-        total: images in the sources.
-        embedded: images embedded and written by this run.
-        skipped: images already in the cache (not recomputed).
-        failed: images that could not be embedded (listed in ``failures_path``).
+        total: sources (images, audio or video files) found.
+        embedded: sources embedded and written by this run.
+        skipped: sources already in the cache (not recomputed).
+        failed: sources that could not be embedded (listed in ``failures_path``).
         failures_path: the failures report, or None when nothing failed.
+        flagged: sources embedded with a remark (padded, cropped, windowed, resampled, silent...).
+        flag_counts: how many sources carry each kind of flag (``padded``, ``cropped``, ...).
+        flags_path: the flags report (JSON lines), or None when nothing is flagged.
+        values: values written (more than ``embedded`` when ``--windows`` splits long files).
+        modality: ``image``, ``audio`` or ``video``.
         processes: processes that took part.
         device: the device of the main process.
         weights: ``random``, ``pretrained:<hub id>`` or ``checkpoint:<path>``.
@@ -67,6 +73,11 @@ class EmbedSummary:
     skipped: int = 0
     failed: int = 0
     failures_path: str | None = None
+    flagged: int = 0
+    flag_counts: dict = field(default_factory=dict)
+    flags_path: str | None = None
+    values: int = 0
+    modality: str = "image"
     processes: int = 1
     device: str = "cpu"
     weights: str = ""
@@ -94,7 +105,9 @@ class _Share:
     """One process's part of the work and what became of it."""
 
     embedded: int = 0
+    values: int = 0
     failures: list = field(default_factory=list)
+    flags: list = field(default_factory=list)
     embed_s: float = 0.0
     decode_s: float = 0.0
     wait_s: float = 0.0
@@ -103,7 +116,7 @@ class _Share:
 
 
 def embed(config: EmbedConfig) -> EmbedSummary:
-    """Embed every image of ``config.images`` that ``config.out`` does not hold yet.
+    """Embed every source of ``config.images`` that ``config.out`` does not hold yet.
 
     Call it in every process of a distributed launch; each returns the same summary.
 
@@ -118,33 +131,34 @@ def embed(config: EmbedConfig) -> EmbedSummary:
     device = _device(config, state)
     if config.threads:
         torch.set_num_threads(config.threads)
-    loaded = load_model(config, device)
-    if config.decode_on_device:
-        from .gpu import check_supported
-
-        check_supported(loaded.data_config)
-    plan = _plan(config, state, loaded)
+    embedder = make_embedder(config, device)
+    loaded = embedder.model
+    plan = _plan(config, state, embedder)
     with state.split_between_processes(plan["todo"]) as mine:
         mine = list(mine)
     many = state.num_processes > 1
     target = config.part_path(state.process_index) if many else Path(config.out)
-    share = _embed_share(config, loaded, mine, target, plan["producer"], device,
+    share = _embed_share(config, embedder, mine, target, plan["producer"], device,
                          show_progress=config.progress and state.is_main_process)
     shares = _gather(share) if many else [share]
     merge_s = 0.0
     failures = [f for s in shares for f in s.failures]
+    flags = [f for s in shares for f in s.flags]
     if state.is_main_process:
         t = time.perf_counter()
         if many:
             _merge_parts(config)
         merge_s = time.perf_counter() - t
         _write_failures(config.failures_path(), failures)
+        flags = _write_flags(config.flags_path(), flags, [r.id for r in plan["todo"]])
     if many:
         state.wait_for_everyone()
     return EmbedSummary(
         cache=config.out, total=plan["total"], embedded=sum(s.embedded for s in shares),
         skipped=plan["skipped"], failed=len(failures),
         failures_path=str(config.failures_path()) if failures else None,
+        flagged=len(flags), flag_counts=_flag_counts(flags), flags_path=str(config.flags_path()) if flags else None,
+        values=sum(s.values for s in shares), modality=config.modality,
         processes=state.num_processes, device=str(device), weights=loaded.weights,
         shape=list(loaded.token_shape), dtype=config.dtype, wall_s=time.perf_counter() - t_start,
         embed_s=max(s.embed_s for s in shares),
@@ -187,29 +201,12 @@ def _precision(config: EmbedConfig, device: torch.device) -> str:
     return config.precision
 
 
-def _run_fields(config: EmbedConfig, loaded: LoadedModel, device: torch.device) -> dict:
-    """Producer fields recorded for information only: they may change between runs of one cache."""
-    import timm
-
-    decode = "cuda (nvjpeg)" if config.decode_on_device else "PIL"
-    if config.draft and draft_target_of(loaded.pil_transform) is not None:
-        decode += ", JPEG draft (DCT downscale, never below the resize target)"
-    return {
-        "weights": loaded.weights,
-        "versions": {"timm": timm.__version__, "torch": torch.__version__},
-        "decode": decode,
-        "precision": _precision(config, device),
-        "num_prefix_tokens": loaded.num_prefix_tokens,
-        "embed_config": config.to_dict(),
-    }
-
-
-def _plan(config: EmbedConfig, state, loaded: LoadedModel) -> dict:
+def _plan(config: EmbedConfig, state, embedder) -> dict:
     """On the main process: prepare the cache and list the ids to embed; share that with all."""
     plan, error = None, None
     if state.is_main_process:
         try:
-            plan = _prepare_cache(config, loaded, torch.device(loaded.device))
+            plan = _prepare_cache(config, embedder, torch.device(embedder.model.device))
         except (EmbedError, StoreError) as e:
             if state.num_processes == 1:
                 raise
@@ -222,26 +219,28 @@ def _plan(config: EmbedConfig, state, loaded: LoadedModel) -> dict:
             if error is not None:
                 raise error
             raise EmbedError(f"the main process stopped: {plan['error']}")
-        if plan["weights_hash"] != loaded.weights_hash:
+        if plan["weights_hash"] != embedder.model.weights_hash:
             raise EmbedError(f"process {state.process_index} loaded other weights than the main process "
-                             f"({loaded.weights_hash} vs {plan['weights_hash']})")
+                             f"({embedder.model.weights_hash} vs {plan['weights_hash']})")
     return plan
 
 
-def _prepare_cache(config: EmbedConfig, loaded: LoadedModel, device: torch.device) -> dict:
-    refs = scan(config.images, config.source, config.id_pattern)
+def _prepare_cache(config: EmbedConfig, embedder, device: torch.device) -> dict:
+    refs = embedder.scan()
     if not refs:
-        raise SourceError(f"{', '.join(config.images)}: no images found")
+        raise SourceError(f"{', '.join(config.images)}: no {config.modality} files found")
+    loaded = embedder.model
     merged = _merge_parts(config)  # a killed distributed run's parts hold whole, committed values
     if merged:
         log.info("merged %d value(s) left by an earlier run's processes", merged)
     with CacheWriter(config.out, shape=loaded.token_shape, dtype=config.dtype, producer=loaded.identity(),
                      batch_size=config.batch_size) as cache:
-        cache.update_producer(**_run_fields(config, loaded, device))
-        todo_ids = set(cache.missing([r.id for r in refs]))
+        cache.update_producer(**embedder.run_fields(), precision=_precision(config, device),
+                              embed_config=config.to_dict())
+        todo_keys = set(cache.missing([embedder.done_key(r) for r in refs]))
         producer = dict(cache.meta.producer)
-    todo = [r for r in refs if r.id in todo_ids]
-    log.info("%s: %d image(s), %d already in the cache, %d to embed", config.out, len(refs),
+    todo = [r for r in refs if embedder.done_key(r) in todo_keys]
+    log.info("%s: %d %s(s), %d already in the cache, %d to embed", config.out, len(refs), embedder.noun,
              len(refs) - len(todo), len(todo))
     return {"todo": todo, "total": len(refs), "skipped": len(refs) - len(todo), "producer": producer,
             "weights_hash": loaded.weights_hash}
@@ -281,7 +280,7 @@ def _num_workers(config: EmbedConfig) -> int:
     return max(1, cpus // max(1, local) - 1)  # leave a core per process to the forward pass
 
 
-def _embed_share(config: EmbedConfig, loaded: LoadedModel, refs: list, target: Path, producer: dict,
+def _embed_share(config: EmbedConfig, embedder, refs: list, target: Path, producer: dict,
                  device: torch.device, show_progress: bool) -> _Share:
     """Embed ``refs`` into the cache (or part) at ``target``."""
     from torch.utils.data import DataLoader
@@ -291,8 +290,8 @@ def _embed_share(config: EmbedConfig, loaded: LoadedModel, refs: list, target: P
     if not refs:
         return share
     t_loop = time.perf_counter()
-    draft = draft_target_of(loaded.pil_transform) if config.draft else None
-    dataset = ImageDataset(refs, loaded.pil_transform, config.max_pixels, draft, raw_jpeg=config.decode_on_device)
+    loaded = embedder.model
+    dataset, collate = embedder.dataset(refs)
     workers = _num_workers(config)
     pin = config.pin_memory if config.pin_memory is not None else device.type == "cuda"
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=workers,
@@ -300,7 +299,7 @@ def _embed_share(config: EmbedConfig, loaded: LoadedModel, refs: list, target: P
     batches = iter(loader)  # forks the workers now, before the writer thread exists
     precision = _precision(config, device)
     out_dtype = getattr(torch, config.dtype)
-    bar = tqdm(total=len(refs), unit="img", desc="embed", disable=not show_progress, dynamic_ncols=True,
+    bar = tqdm(total=len(refs), unit=embedder.noun, desc="embed", disable=not show_progress, dynamic_ncols=True,
                mininterval=1.0)
     with CacheWriter(target, shape=loaded.token_shape, dtype=config.dtype, producer=producer,
                      identity=sorted(loaded.identity()), batch_size=2 * config.batch_size) as cache, \
@@ -313,49 +312,39 @@ def _embed_share(config: EmbedConfig, loaded: LoadedModel, refs: list, target: P
                 break
             share.decode_s += batch.decode_s
             _note_failures(share, batch.failed)
+            share.flags += getattr(batch, "flagged", [])
             t = time.perf_counter()
-            ids, pixels = _pixels_on_device(batch, loaded, device, share)
+            ids, inputs, failed, device_decode_s = embedder.on_device(batch, device)
+            share.decode_s += device_decode_s
+            _note_failures(share, failed)
             if ids:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    tokens = loaded.forward_tokens(loaded.normalize(pixels))  # (B, L, D)
-                values = tokens.to(out_dtype).cpu()
+                    # rows (windows of long files) beyond a batch run as further forward passes
+                    tokens = torch.cat([embedder.forward(part) for part in _rows(inputs, config.batch_size)])
+                values = tokens.to(out_dtype).cpu()  # (B, L, D)
                 if out_dtype != torch.bfloat16:
                     values = values.numpy()  # numpy has no bfloat16; the store converts torch tensors itself
             share.model_s += time.perf_counter() - t
             if ids:
                 writer.put(ids, values)
+            share.embedded += len(batch) - len(batch.failed) - len(failed)
             bar.update(len(batch))
             if share.failures:
                 bar.set_postfix(failed=len(share.failures), refresh=False)
-    share.embedded = cache.written
+    share.values = cache.written
     share.write_s = writer.seconds
     share.embed_s = time.perf_counter() - t_loop
     return share
 
 
-def _pixels_on_device(batch, loaded: LoadedModel, device: torch.device, share: _Share):
-    """``(ids, (B, 3, H, W) pixels on device)``; JPEGs left raw are decoded on the device here."""
-    ids = list(batch.ids)
-    parts = []
-    if batch.pixels is not None:
-        parts.append(batch.pixels.to(device, non_blocking=True))
-    if batch.jpegs:
-        from .gpu import decode_resize_crop
-
-        t = time.perf_counter()
-        decoded, failed_idx = decode_resize_crop(batch.jpegs, loaded.data_config, device)
-        share.decode_s += time.perf_counter() - t
-        bad = set(failed_idx)
-        _note_failures(share, [{"id": batch.jpeg_ids[i], "path": batch.jpeg_paths[i],
-                                "reason": "truncated or corrupt JPEG (nvjpeg could not decode it)"}
-                               for i in failed_idx])
-        ids += [i for k, i in enumerate(batch.jpeg_ids) if k not in bad]
-        if decoded is not None:
-            parts.append(decoded)
-    if not parts:
-        return [], None
-    pixels = parts[0] if len(parts) == 1 else torch.cat([p.float() for p in parts])  # (B, 3, H, W)
-    return ids, pixels
+def _rows(inputs, size: int) -> list:
+    """``inputs`` (a tensor, or a dict of tensors with one leading dimension) in slices of ``size`` rows."""
+    n = len(next(iter(inputs.values()))) if isinstance(inputs, dict) else len(inputs)
+    if n <= size:
+        return [inputs]
+    if isinstance(inputs, dict):
+        return [{k: v[i:i + size] for k, v in inputs.items()} for i in range(0, n, size)]
+    return [inputs[i:i + size] for i in range(0, n, size)]
 
 
 def _note_failures(share: _Share, failed: list) -> None:
@@ -363,7 +352,7 @@ def _note_failures(share: _Share, failed: list) -> None:
         if len(share.failures) < _FAILURES_LOGGED:
             log.warning("cannot embed id %s (%s): %s", f["id"], f["path"], f["reason"])
         elif len(share.failures) == _FAILURES_LOGGED:
-            log.warning("more images failed; see the failures report at the end")
+            log.warning("more items failed; see the failures report at the end")
         share.failures.append(f)
 
 
@@ -385,4 +374,44 @@ def _write_failures(path: Path, failures: list) -> None:
         for item in sorted(failures, key=lambda d: d["id"]):
             f.write(json.dumps(item, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
-    log.warning("%d image(s) failed; listed in %s", len(failures), path)
+    log.warning("%d item(s) failed; listed in %s", len(failures), path)
+
+
+def _write_flags(path: Path, flags: list, redone: list) -> list:
+    """Write the flags report: this run's flags plus an earlier run's for the sources this run did not
+    redo (they are still in the cache, flagged); returns every entry written."""
+    redone = set(redone)
+    kept = []
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:  # a line cut by a kill: its source is flagged again when redone
+                    continue
+                if isinstance(entry, dict) and entry.get("id") not in redone:
+                    kept.append(entry)
+    entries = sorted(kept + flags, key=lambda d: str(d.get("id")))
+    if not entries:
+        if path.exists():
+            path.unlink()
+        return []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for item in entries:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    if flags:
+        log.warning("%d item(s) embedded with flags (%s); listed in %s", len(flags),
+                    ", ".join(f"{k} {v}" for k, v in _flag_counts(flags).items()), path)
+    return entries
+
+
+def _flag_counts(flags: list) -> dict:
+    """``{kind: sources}`` where kind is a flag's text before its colon (``padded``, ``cropped``, ...)."""
+    counts = {}
+    for entry in flags:
+        for kind in {str(f).split(":", 1)[0] for f in entry.get("flags", [])}:
+            counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items()))

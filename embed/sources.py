@@ -1,4 +1,4 @@
-"""Image sources: a folder of images, a list file of ``id<TAB>path`` lines, WebDataset tar shards.
+"""Sources (images, audio, video): a folder of files, a list file of ``id<TAB>path`` lines, WebDataset tar shards.
 
 Every source becomes one ordered list of :class:`ImageRef` before anything is decoded, so ids that
 the cache already holds can be skipped and the rest split across processes the same way for every
@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "jfif", "png", "bmp", "gif", "webp", "tif", "tiff",
                               "ppm", "pgm", "pbm", "pnm"})
+AUDIO_EXTENSIONS = frozenset({"wav", "flac", "ogg", "oga", "opus", "mp3", "m4a", "aac", "aif", "aiff", "au",
+                              "caf", "w64", "wma",
+                              # containers: their audio track (PyAV)
+                              "mp4", "m4v", "mov", "mkv", "webm", "avi"})
+VIDEO_EXTENSIONS = frozenset({"mp4", "m4v", "mov", "mkv", "webm", "avi", "mpg", "mpeg", "ogv", "wmv", "flv"})
+EXTENSIONS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "video": VIDEO_EXTENSIONS}
 COCO_STEM = re.compile(r"^COCO_[A-Za-z]+\d*_(\d+)$")
 _FILE_KINDS = {stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket", stat.S_IFCHR: "character device",
                stat.S_IFBLK: "block device"}
@@ -80,25 +86,31 @@ def _check_regular_file(path: str) -> None:
         raise OSError(f"not a regular file ({_FILE_KINDS.get(stat.S_IFMT(mode), 'unknown kind')})")
 
 
-def scan(paths, kind: str = "auto", id_pattern: str | None = None) -> list[ImageRef]:
-    """Every image of ``paths`` in a stable order; raises SourceError on duplicate ids.
+def scan(paths, kind: str = "auto", id_pattern: str | None = None,
+         extensions=IMAGE_EXTENSIONS) -> list[ImageRef]:
+    """Every file of ``paths`` in a stable order; raises SourceError on duplicate ids.
 
     Args:
-        paths: folders, list files or ``.tar`` shards (brace patterns are expanded).
+        paths: folders, list files, ``.tar`` shards (brace patterns are expanded) or, with ``kind``
+            ``auto``, single files with one of ``extensions``.
         kind: ``auto`` (decide per path), ``folder``, ``list`` or ``wds``.
         id_pattern: a regex with one group, searched in each file name of a folder.
+        extensions: file name extensions (lower case, no dot) that folders and shards hold:
+            one of :data:`EXTENSIONS` (images, audio, video); list files name their files.
     """
     refs = []
     for path in _expand(paths):
-        k = kind if kind != "auto" else _detect(path)
+        k = kind if kind != "auto" else _detect(path, extensions)
         if id_pattern is not None and k != "folder":
             raise SourceError(f"--id-pattern applies to folder sources; {path} is read as a {k} source")
-        if k == "folder":
-            refs += scan_folder(path, id_pattern)
+        if k == "file":  # one media file named on the command line: id = its stem
+            refs.append(ImageRef(id_from_name(Path(path).name), path))
+        elif k == "folder":
+            refs += scan_folder(path, id_pattern, extensions)
         elif k == "list":
             refs += scan_list(path)
         else:
-            refs += scan_tar(path)
+            refs += scan_tar(path, extensions)
     _refuse_duplicates(refs)
     return refs
 
@@ -112,7 +124,7 @@ def _expand(paths) -> list[str]:
     return out
 
 
-def _detect(path: str) -> str:
+def _detect(path: str, extensions=frozenset()) -> str:
     p = Path(path)
     if p.is_dir():
         return "folder"
@@ -123,6 +135,8 @@ def _detect(path: str) -> str:
         raise SourceError(f"{path}: compressed shards cannot be read by offset; use uncompressed .tar shards")
     if name.endswith(".tar"):
         return "wds"
+    if name.rsplit(".", 1)[-1] in extensions:
+        return "file"
     return "list"
 
 
@@ -136,8 +150,9 @@ def id_from_name(name: str, pattern: re.Pattern | None = None) -> str | None:
     return str(int(m.group(1))) if m else stem
 
 
-def scan_folder(root, id_pattern: str | None = None) -> list[ImageRef]:
-    """Images under ``root`` (recursively, hidden entries skipped), ids from their file names."""
+def scan_folder(root, id_pattern: str | None = None, extensions=IMAGE_EXTENSIONS) -> list[ImageRef]:
+    """Files with one of ``extensions`` under ``root`` (recursively, hidden entries skipped), ids from
+    their file names."""
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"{root}: not a folder")
@@ -146,7 +161,7 @@ def scan_folder(root, id_pattern: str | None = None) -> list[ImageRef]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if name.startswith(".") or name.rsplit(".", 1)[-1].lower() not in IMAGE_EXTENSIONS:
+            if name.startswith(".") or name.rsplit(".", 1)[-1].lower() not in extensions:
                 ignored += not name.startswith(".")
                 continue
             image_id = id_from_name(name, pattern)
@@ -159,7 +174,8 @@ def scan_folder(root, id_pattern: str | None = None) -> list[ImageRef]:
         raise SourceError(f"--id-pattern '{id_pattern}': {len(unmatched)} file name(s) give no id, e.g. "
                           + ", ".join(unmatched[:3]))
     if ignored:
-        log.info("%s: ignored %d file(s) without an image extension", root, ignored)
+        log.info("%s: ignored %d file(s) without one of the extensions %s", root, ignored,
+                 ", ".join(sorted(extensions)))
     return refs
 
 
@@ -186,8 +202,8 @@ def scan_list(path) -> list[ImageRef]:
     return refs
 
 
-def scan_tar(path) -> list[ImageRef]:
-    """One ref per sample of an uncompressed WebDataset shard: its first image member."""
+def scan_tar(path, extensions=IMAGE_EXTENSIONS) -> list[ImageRef]:
+    """One ref per sample of an uncompressed WebDataset shard: its first member with one of ``extensions``."""
     from webdataset.tariterators import base_plus_ext
 
     refs, seen_keys = [], set()
@@ -197,9 +213,9 @@ def scan_tar(path) -> list[ImageRef]:
                 if not member.isfile():
                     continue
                 key, ext = base_plus_ext(member.name)
-                if key is None or ext.lower().rsplit(".", 1)[-1] not in IMAGE_EXTENSIONS:
+                if key is None or ext.lower().rsplit(".", 1)[-1] not in extensions:
                     continue
-                if key in seen_keys:  # another image of the same sample: the first one counts
+                if key in seen_keys:  # another file of the same sample: the first one counts
                     continue
                 seen_keys.add(key)
                 refs.append(ImageRef(key, str(path), member.name, member.offset_data, member.size))
