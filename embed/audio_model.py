@@ -97,7 +97,7 @@ class LoadedAudioModel:
 
     @property
     def clip_samples(self) -> int:
-        return int(round(self.clip_seconds * self.sample_rate))
+        return round(self.clip_seconds * self.sample_rate)
 
     @property
     def features(self) -> FeatureFn:
@@ -191,7 +191,9 @@ def load_audio_model(config: EmbedConfig, device="cpu") -> LoadedAudioModel:
     pretrained = config.pretrained is not False
     try:
         if pretrained:
-            model = _quiet(config.progress, cls.from_pretrained, source)
+            # float32 whatever the checkpoint's dtype (a float16 one would meet float32 features on
+            # the CPU); CUDA runs use bf16 autocast (--precision)
+            model = _quiet(config.progress, cls.from_pretrained, source, torch.float32)
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
@@ -217,8 +219,12 @@ def load_audio_model(config: EmbedConfig, device="cpu") -> LoadedAudioModel:
                               if pretrained else "random", state_dict_hash(model), extractor,
                               int(extractor.sampling_rate), clip_seconds, config.windows, layer)
     probe = loaded.features([np.zeros(loaded.clip_samples, dtype=np.float32)])
-    with torch.inference_mode():
-        tokens = loaded.forward_tokens({k: torch.from_numpy(v).to(device) for k, v in probe.items()})
+    try:
+        with torch.inference_mode():
+            tokens = loaded.forward_tokens({k: torch.from_numpy(v).to(device) for k, v in probe.items()})
+    except Exception as e:  # a feature extractor and a model that do not fit each other
+        raise ModelError(f"--model {config.model}: the model cannot read its feature extractor's output "
+                         f"({type(e).__name__}: {_first_line(e)})") from None
     loaded.token_shape = tuple(tokens.shape[1:])
     return loaded
 
@@ -236,15 +242,15 @@ def _resolve_layer(model, kind: str, layer):
     return layer
 
 
-def _quiet(progress: bool, load, *args):
-    """``load(*args)`` without transformers' "Loading weights" bar unless ``progress``."""
+def _quiet(progress: bool, load, source: str, dtype):
+    """``load(source, dtype=dtype)`` without transformers' "Loading weights" bar unless ``progress``."""
     from transformers.utils import logging as hf_logging
 
     was_disabled = hf_logging.is_progress_bar_enabled() is False
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        return load(*args)
+        return load(source, dtype=dtype)
     finally:
         if not progress and not was_disabled:
             hf_logging.enable_progress_bar()

@@ -146,7 +146,7 @@ class VideoEmbedder:
         patch_embed = getattr(self.image.model, "patch_embed", None)
         grid = tuple(getattr(patch_embed, "grid_size", ()) or ())
         if len(grid) != 2 or grid[0] * grid[1] != n:
-            side = int(round(n ** 0.5))
+            side = round(n ** 0.5)
             grid = (side, side) if side * side == n else ()
         if self.keep not in (None, 1) and not grid:
             raise ModelError(f"--frame-pool {config.frame_pool}: the model's {n} tokens per frame form no grid")

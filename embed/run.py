@@ -14,7 +14,6 @@ transaction, so a kill loses at most the batches in flight and never a partial v
 process stops when its launcher dies (:mod:`embed.launcher`).
 """
 
-import json
 import logging
 import os
 import re
@@ -31,6 +30,7 @@ from .config import EmbedConfig
 from .errors import EmbedError, SourceError
 from .launcher import stop_with_launcher
 from .modality import make_embedder
+from .reports import flag_counts, write_failures, write_flags
 from .writer import BackgroundWriter
 
 log = logging.getLogger(__name__)
@@ -149,15 +149,15 @@ def embed(config: EmbedConfig) -> EmbedSummary:
         if many:
             _merge_parts(config)
         merge_s = time.perf_counter() - t
-        _write_failures(config.failures_path(), failures)
-        flags = _write_flags(config.flags_path(), flags, [r.id for r in plan["todo"]])
+        write_failures(config.failures_path(), failures)
+        flags = write_flags(config.flags_path(), flags, [r.id for r in plan["todo"]])
     if many:
         state.wait_for_everyone()
     return EmbedSummary(
         cache=config.out, total=plan["total"], embedded=sum(s.embedded for s in shares),
         skipped=plan["skipped"], failed=len(failures),
         failures_path=str(config.failures_path()) if failures else None,
-        flagged=len(flags), flag_counts=_flag_counts(flags), flags_path=str(config.flags_path()) if flags else None,
+        flagged=len(flags), flag_counts=flag_counts(flags), flags_path=str(config.flags_path()) if flags else None,
         values=sum(s.values for s in shares), modality=config.modality,
         processes=state.num_processes, device=str(device), weights=loaded.weights,
         shape=list(loaded.token_shape), dtype=config.dtype, wall_s=time.perf_counter() - t_start,
@@ -360,58 +360,3 @@ def _gather(share: _Share) -> list:
     from accelerate.utils import gather_object
 
     return gather_object([share])
-
-
-def _write_failures(path: Path, failures: list) -> None:
-    """Write this run's failures as JSON lines (replacing an earlier run's report), or remove a stale one."""
-    if not failures:
-        if path.exists():
-            path.unlink()
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for item in sorted(failures, key=lambda d: d["id"]):
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    log.warning("%d item(s) failed; listed in %s", len(failures), path)
-
-
-def _write_flags(path: Path, flags: list, redone: list) -> list:
-    """Write the flags report: this run's flags plus an earlier run's for the sources this run did not
-    redo (they are still in the cache, flagged); returns every entry written."""
-    redone = set(redone)
-    kept = []
-    if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:  # a line cut by a kill: its source is flagged again when redone
-                    continue
-                if isinstance(entry, dict) and entry.get("id") not in redone:
-                    kept.append(entry)
-    entries = sorted(kept + flags, key=lambda d: str(d.get("id")))
-    if not entries:
-        if path.exists():
-            path.unlink()
-        return []
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for item in entries:
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    if flags:
-        log.warning("%d item(s) embedded with flags (%s); listed in %s", len(flags),
-                    ", ".join(f"{k} {v}" for k, v in _flag_counts(flags).items()), path)
-    return entries
-
-
-def _flag_counts(flags: list) -> dict:
-    """``{kind: sources}`` where kind is a flag's text before its colon (``padded``, ``cropped``, ...)."""
-    counts = {}
-    for entry in flags:
-        for kind in {str(f).split(":", 1)[0] for f in entry.get("flags", [])}:
-            counts[kind] = counts.get(kind, 0) + 1
-    return dict(sorted(counts.items()))

@@ -116,7 +116,9 @@ def scan(paths, kind: str = "auto", id_pattern: str | None = None,
 
 
 def _expand(paths) -> list[str]:
-    from braceexpand import braceexpand  # a webdataset dependency: shard patterns like x-{000..009}.tar
+    from braceexpand import (
+        braceexpand,  # a webdataset dependency: shard patterns like x-{000..009}.tar
+    )
 
     out = []
     for p in paths:

@@ -177,9 +177,9 @@ def pool_frames(tokens: torch.Tensor, keep: int | None, grid: tuple | None) -> t
         return tokens
     if keep == 1:
         return tokens.mean(dim=1, keepdim=True)  # (F, 1, D)
-    f, n, d = tokens.shape
+    f, _, d = tokens.shape
     h, w = grid
-    side = int(round(keep ** 0.5))
+    side = round(keep ** 0.5)
     x = tokens.transpose(1, 2).reshape(f, d, h, w)  # (F, D, h, w)
     x = torch.nn.functional.adaptive_avg_pool2d(x, side)  # (F, D, side, side)
     return x.flatten(2).transpose(1, 2)  # (F, side * side, D)

@@ -56,7 +56,8 @@ def tone(seconds: float, rate: int = SR, freq: float = 440.0, channels: int = 1,
     return np.stack([x * (1 - 0.3 * c) for c in range(channels)], 1) if channels > 1 else x
 
 
-def write_av(path: Path, samples: np.ndarray, rate: int, codec: str, video: bool = False, fmt: str = None) -> Path:
+def write_av(path: Path, samples: np.ndarray, rate: int, codec: str, video: bool = False,
+             fmt: str | None = None) -> Path:
     """A container written with PyAV: an audio track (``codec``) of mono ``samples``, and, with
     ``video``, a 10-frame mpeg4 video track first."""
     with av.open(str(path), "w", format=fmt) as c:
@@ -236,7 +237,7 @@ def test_a_cache_of_another_encoder_or_sample_rate_is_refused(tmp_path, ast):
 
 
 def test_layer_is_that_hidden_state_without_prefix_tokens(tmp_path, ast):
-    from transformers import AutoFeatureExtractor, ASTModel
+    from transformers import ASTModel, AutoFeatureExtractor
 
     sf.write(tmp_path / "a.wav", tone(1.0), SR)
     embed(config(tmp_path / "a.wav", tmp_path / "cache", ast, layer=1))
@@ -259,14 +260,14 @@ def save_kind(kind: str, folder: Path) -> SimpleNamespace:
                                                  bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
                                                  max_target_positions=16))
         fe = tf.WhisperFeatureExtractor()
-        run = lambda m, x: m.get_encoder()(**x).last_hidden_state[0]  # noqa: E731
+        run = lambda m, x: m.get_encoder()(**x).last_hidden_state[0]
     elif kind in ("wav2vec2", "hubert"):
         cls, cfg = (tf.Wav2Vec2Model, tf.Wav2Vec2Config) if kind == "wav2vec2" else (tf.HubertModel, tf.HubertConfig)
         model = cls(cfg(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                         conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4), num_conv_pos_embeddings=16,
                         num_conv_pos_embedding_groups=2))
         fe = tf.Wav2Vec2FeatureExtractor()
-        run = lambda m, x: m(**x).last_hidden_state[0]  # noqa: E731
+        run = lambda m, x: m(**x).last_hidden_state[0]
     else:
         model = tf.ClapModel(tf.ClapConfig(
             text_config=dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -275,7 +276,7 @@ def save_kind(kind: str, folder: Path) -> SimpleNamespace:
                               num_heads=[2, 2], hidden_size=64, patch_embeds_hidden_size=16, projection_dim=16),
             projection_dim=16))
         fe = tf.ClapFeatureExtractor(feature_size=64, sampling_rate=SR, max_length_s=1, truncation="rand_trunc")
-        run = lambda m, x: m.audio_model(**x).last_hidden_state[0].flatten(1).T  # noqa: E731
+        run = lambda m, x: m.audio_model(**x).last_hidden_state[0].flatten(1).T
     model.save_pretrained(folder)
     fe.save_pretrained(folder)
     return SimpleNamespace(cls=type(model), run=run)

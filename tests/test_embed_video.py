@@ -33,7 +33,7 @@ def vit(tmp_path_factory):
     return model, path
 
 
-def write_video(path, frames: int, codec: str = "mpeg4", fmt: str = None, seed: int = 0):
+def write_video(path, frames: int, codec: str = "mpeg4", fmt: str | None = None, seed: int = 0):
     """``frames`` frames at 10 fps, each a different random 8x8 pattern scaled to 80x64."""
     rng = np.random.default_rng(seed)
     with av.open(str(path), "w", format=fmt) as c:
