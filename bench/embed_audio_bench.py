@@ -70,16 +70,17 @@ def encoder_only(loaded, waves: list, batch_size: int) -> float:
 
 
 def decode_breakdown(loaded, files: list) -> dict:
-    """Seconds per file in each decode step, summed over ``files`` and divided by their number."""
+    """Median seconds per file of each decode step over ``files`` (the median: the first resample of
+    a process pays a one-time ~0.1 s set-up of libswresample, which a mean would spread over all)."""
     ds = AudioDataset(scan(files, extensions=AUDIO_EXTENSIONS), loaded.sample_rate, loaded.clip_samples,
                       loaded.windows, loaded.features)
-    totals = {}
+    steps = {}
     for i in range(len(ds)):
         clip = ds[i]
         assert clip.reason is None, clip.reason
         for k, v in clip.seconds.items():
-            totals[k] = totals.get(k, 0.0) + v
-    return {k: v / len(ds) for k, v in totals.items()}
+            steps.setdefault(k, []).append(v)
+    return {k: float(np.median(v)) for k, v in steps.items()}
 
 
 def main():
@@ -137,7 +138,7 @@ def main():
               f"{cpus} CPUs)")
         steps = decode_breakdown(loaded, files)
         total = sum(steps.values())
-        print("decode per clip (one process): " + ", ".join(
+        print("decode per clip (one process, medians): " + ", ".join(
             f"{k} {v * 1e3:.2f} ms ({v / total:.0%})" for k, v in steps.items()) + f"; total {total * 1e3:.2f} ms")
     finally:
         shutil.rmtree(root, ignore_errors=True)

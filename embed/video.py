@@ -27,11 +27,9 @@ class BadVideo(Exception):
     """A file that cannot be embedded as video; ``str(e)`` is the reason for the failures report."""
 
 
-def sample_times(duration: float, frames: int, fps: float | None) -> list[float]:
-    """The instants (seconds from the start) whose frames are kept."""
-    if fps is None:
-        return [(i + 0.5) * duration / frames for i in range(frames)]
-    return [i / fps for i in range(frames) if i / fps < duration or i == 0]
+def sample_times(duration: float, frames: int) -> list[float]:
+    """``frames`` instants spread evenly over ``duration`` seconds: the middle of each of T equal parts."""
+    return [(i + 0.5) * duration / frames for i in range(frames)]
 
 
 def decode_frames(data: bytes, frames: int, fps: float | None) -> tuple[list, list[str]]:
@@ -53,33 +51,103 @@ def decode_frames(data: bytes, frames: int, fps: float | None) -> tuple[list, li
             kinds = sorted({s.type for s in container.streams}) or ["no"]
             raise BadVideo(f"no video stream (the file has {', '.join(kinds)} streams)")
         stream = container.streams.video[0]
-        decoded = []  # (time in seconds, frame), every frame: clips are short, and seeking is inexact
-        try:
-            for frame in container.decode(stream):
-                t = float(frame.time) if frame.time is not None else len(decoded) / float(stream.average_rate or 25)
-                decoded.append((t, frame))
-        except av.error.FFmpegError as e:
-            if not decoded:
-                raise BadVideo(f"truncated or corrupt video stream: {e}") from None
-            cut = f"truncated: the stream breaks after {len(decoded)} frames ({e})"
+        duration = _duration(container, stream)
+        if fps is None and duration is None:  # uniform sampling needs the length: decode all, then pick
+            picker = _Picker(None, frames, None)
+            decoded = _decode(container, stream, picker, keep_all=True)
+            picker.targets = sample_times(picker.duration(), frames)
+            picker.replay()
         else:
-            cut = None
+            picker = _Picker(sample_times(duration, frames) if fps is None else
+                             [i / fps for i in range(frames)], frames, fps)
+            decoded = _decode(container, stream, picker)
     if not decoded:
         raise BadVideo("the video stream holds no frames")
-    start = decoded[0][0]
-    times = [t - start for t, _ in decoded]
-    step = times[1] - times[0] if len(times) > 1 else 0.0
-    duration = times[-1] + step if len(times) > 1 else 1e-6
-    shown = np.searchsorted(times, sample_times(duration, frames, fps), side="right") - 1  # frame on screen
-    picks = [max(0, int(k)) for k in shown]
-    flags = [cut] if cut else []
+    picks, images = picker.finish()
+    flags = [picker.cut] if picker.cut else []
     if len(picks) < frames:
         flags.append(f"padded: {len(picks)} frames at {fps:g} fps, the last repeated to {frames}")
         picks += [picks[-1]] * (frames - len(picks))
     elif len(set(picks)) < frames:
         flags.append(f"short: {len(set(picks))} distinct frames for {frames}, frames repeated")
-    images = {k: decoded[k][1].to_image() for k in set(picks)}  # RGB PIL images
     return [images[k] for k in picks], flags
+
+
+def _duration(container, stream) -> float | None:
+    """The clip's length from the stream's or the container's header, if either gives it."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1_000_000  # av.time_base: microseconds
+    return None
+
+
+def _decode(container, stream, picker, keep_all: bool = False) -> int:
+    """Decode every frame, handing each to ``picker``; returns the number of frames decoded."""
+    import av
+
+    n = 0
+    try:
+        for frame in container.decode(stream):
+            t = float(frame.time) if frame.time is not None else n / float(stream.average_rate or 25)
+            picker.add(t, frame, keep_all)
+            n += 1
+    except av.error.FFmpegError as e:
+        if not n:
+            raise BadVideo(f"truncated or corrupt video stream: {av_reason(e)}") from None
+        picker.cut = f"truncated: the stream breaks after {n} frames ({av_reason(e)})"
+    return n
+
+
+class _Picker:
+    """Keeps, of a stream of frames, the one on screen at each target instant (the last frame whose
+    time is at or before it), converting only those to images: memory for T frames, not the clip."""
+
+    def __init__(self, targets, frames: int, fps):
+        self.targets = targets
+        self.fps = fps
+        self.picks, self.images, self.all = [], {}, []
+        self.prev = None  # (index, relative time, frame)
+        self.start = None
+        self.step = 0.0
+        self.cut = None
+
+    def add(self, t: float, frame, keep_all: bool = False) -> None:
+        if self.start is None:
+            self.start = t
+        t -= self.start
+        index = self.prev[0] + 1 if self.prev else 0
+        if self.prev and index == 1:
+            self.step = t - self.prev[1]
+        if keep_all:
+            self.all.append((t, frame))
+        else:
+            while len(self.picks) < len(self.targets) and self.targets[len(self.picks)] < t:
+                self._pick(*(self.prev or (index, t, frame)))
+        self.prev = (index, t, frame)
+
+    def _pick(self, index: int, t: float, frame) -> None:
+        if index not in self.images:
+            self.images[index] = frame.to_image()  # RGB PIL image
+        self.picks.append(index)
+
+    def duration(self) -> float:
+        return self.prev[1] + self.step if self.prev and self.prev[0] else 1e-6
+
+    def replay(self) -> None:
+        frames, self.all, self.prev, self.start = self.all, [], None, None
+        for t, frame in frames:
+            self.add(t, frame)
+
+    def finish(self) -> tuple[list, dict]:
+        """``(picked frame indices, {index: image})``; in fps mode, instants past the clip are dropped."""
+        end = self.duration()
+        while len(self.picks) < len(self.targets):
+            s = self.targets[len(self.picks)]
+            if self.fps is not None and s >= end and self.picks:
+                break
+            self._pick(*self.prev)
+        return self.picks, self.images
 
 
 @dataclass

@@ -108,6 +108,17 @@ def test_frame_pool_mean_and_grid(tmp_path, vit, pool, shape):
     close(stored(tmp_path / "cache")["clip"], want.reshape(-1, 192).numpy())
 
 
+def test_clips_without_a_duration_in_their_header_pick_the_same_frames(tmp_path, monkeypatch):
+    from embed import video
+
+    data = write_video(tmp_path / "clip.mp4", 10).read_bytes()
+    with_header, _ = video.decode_frames(data, 4, None)
+    monkeypatch.setattr(video, "_duration", lambda container, stream: None)  # decode all, then pick
+    without, _ = video.decode_frames(data, 4, None)
+    assert [np.asarray(a).tolist() for a in with_header] == [np.asarray(b).tolist() for b in without]
+    assert len({np.asarray(a).tobytes() for a in without}) == 4
+
+
 def test_fps_sampling_pads_a_short_clip_and_flags_it(tmp_path, vit):
     model, ckpt = vit
     path = write_video(tmp_path / "clip.mp4", 10)
