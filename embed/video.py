@@ -15,7 +15,6 @@ import io
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
