@@ -143,7 +143,7 @@ class AttachVectors:
             out = batch["inline"][name]  # (B, *value shape), stacked by the worker
         else:
             out = self.lookup(name, batch["ids"][name])
-        t = torch.from_numpy(out)
+        t = torch.as_tensor(out)
         return t.view(torch.bfloat16) if reader.meta.dtype == "bfloat16" else t
 
     def lookup(self, name: str, ids: list):
