@@ -13,8 +13,9 @@ from pathlib import Path
 
 import click
 
+from ..sweep.jobs import ExecutorConfig
 from ..sweep.plan import GRIDS, SweepConfig
-from .common import cli_errors, parse_caches
+from .common import cli_errors, parse_caches, parse_pairs
 from .options import train_option_names, train_options
 
 # fuse-train options the sweep sets itself for every run.
@@ -61,6 +62,8 @@ def _echo_summary(summary: dict) -> None:
     for what in ("failed", "broken"):
         for b in summary[what]:
             click.echo(f"{what}: {b['run']}: {b['reason']}")
+    for r in summary.get("running", []):
+        click.echo(f"{r['status']}: {r['run']} (job {r['job']}): not in the summary until it finishes")
     d = Path(summary["runs_dir"])
     click.echo(f"{summary['finished']} finished run(s); summary: {d / 'summary.md'} (.csv, .json); "
                f"{len(summary['figures'])} figure(s) in {d / 'figures'}")
@@ -131,8 +134,21 @@ def main():
 @click.option("--retry-failed", is_flag=True, default=None,
               help="Redo runs that failed (diverged or raised) in an earlier sweep.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (each run: todo, finished, failed, broken) and stop.")
+@click.option("--executor", type=click.Choice(["serial", "local", "slurm"]), default="serial",
+              help="serial: the points one after another in this process; local: submitit jobs on this machine, "
+                   "--parallel at once or one per --gpus id; slurm: one Slurm job per point (returns once "
+                   "submitted: follow them with `fuse-sweep status`).")
+@click.option("--parallel", type=int, default=1, help="With --executor local: points at once (CPU).")
+@click.option("--gpus", callback=_ints, metavar="ID,ID,...",
+              help="With --executor local: one point per GPU at once, e.g. 0,1,2,3.")
+@click.option("--partition", default="", help="With --executor slurm: the partition.")
+@click.option("--gpus-per-run", type=int, default=1, help="With --executor slurm: GPUs per point's job.")
+@click.option("--time", "time_min", type=int, default=24 * 60, help="With --executor slurm: minutes per job "
+              "(a job timed out or preempted is requeued and goes on from its last checkpoint).")
+@click.option("--slurm-opt", "slurm_opts", multiple=True, metavar="KEY=VALUE",
+              help="With --executor slurm: any sbatch option, e.g. account=abc, constraint=a100, mem=64G.")
 @train_options(skip=_SWEEP_OWNS)
-def run(caches, grid, dry_run, **flags):
+def run(caches, grid, dry_run, executor, parallel, gpus, partition, gpus_per_run, time_min, slurm_opts, **flags):
     """Train every grid point that is not finished yet, then write the summary and figures.
 
     A run fuses --fuse (default: the question at layer 0) plus each --fuse-grid modality at its
@@ -158,7 +174,9 @@ def run(caches, grid, dry_run, **flags):
     train["file"] = train.pop("config_file", None)
     if caches:
         flags["caches"] = parse_caches(caches)
+    opts = parse_pairs(slurm_opts, "--slurm-opt", "account=abc", form="KEY=VALUE")
     with cli_errors():
+        flags["executor"] = ExecutorConfig(executor, parallel, gpus or (), partition, gpus_per_run, time_min, opts)
         cfg = SweepConfig.resolve(grid or "", train=train, **flags)
         base, todo = plan(cfg)  # every grid point checked before anything is written
     if dry_run:
@@ -172,7 +190,18 @@ def run(caches, grid, dry_run, **flags):
         return
     with _logging_to(cfg.out), cli_errors():
         summary = run_sweep(cfg, planned=(base, todo))
+    if summary["in_flight"]:
+        click.echo(f"{len(summary['in_flight'])} run(s) already queued or running: {', '.join(summary['in_flight'])}")
+    if cfg.executor.kind == "slurm":
+        click.echo(f"submitted {len(summary['submitted'])} Slurm job(s): "
+                   + ", ".join(f"{n} {j}" for n, j in summary["submitted"].items())
+                   + f"\nfollow them with: fuse-sweep status {cfg.out}; fuse-sweep report {cfg.out}")
+        return
     _echo_summary(summary)
+    unfinished = [n for n in summary["submitted"] if n not in summary["ran"] and n not in summary["newly_failed"]]
+    if unfinished:
+        raise click.ClickException(f"{len(unfinished)} job(s) ended before their run finished: {', '.join(unfinished)} "
+                                   "(killed?): run the same command again to resume them")
     if summary["newly_failed"]:
         raise click.ClickException(f"{len(summary['newly_failed'])} run(s) failed: "
                                    f"{', '.join(summary['newly_failed'])} (see {cfg.out}/summary.md)")
@@ -199,6 +228,46 @@ def report(runs_dir, as_json):
         click.echo(json.dumps(summary, indent=2))
     else:
         _echo_summary(summary)
+
+
+@main.command()
+@click.argument("runs_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def status(runs_dir, as_json):
+    """Show each grid point of RUNS_DIR: finished, failed, running or queued (with its job id), broken
+    (a run folder and no live job: rerun the sweep to resume it) or todo.
+
+    Example:
+
+    \b
+        fuse-sweep status runs/sweep
+    """
+    from ..sweep.jobs import point_states
+    from ..sweep.report import sweep_runs
+
+    with cli_errors():
+        rows = point_states(runs_dir, sweep_runs(runs_dir))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max([len(r["run"]) for r in rows] + [3])
+    for r in rows:
+        click.echo(f"{r['run']:<{width}}  {r['status']:<8}  {r['job'] or '-':<10}  {r['reason']}".rstrip())
+    counts = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    click.echo(", ".join(f"{n} {s}" for s, n in counts.items()))
+
+
+@main.command(hidden=True)
+@click.argument("out", type=click.Path(exists=True, file_okay=False))
+@click.argument("name")
+def point(out, name):
+    """Train one grid point of the sweep in OUT (what a submitted job runs: see pipelines.sweep.jobs)."""
+    from ..sweep.jobs import run_point
+
+    with _logging_to(out), cli_errors():
+        run_point(out, name)
 
 
 if __name__ == "__main__":

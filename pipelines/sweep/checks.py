@@ -34,11 +34,16 @@ def t5_depths(t5: str) -> tuple:
 
 
 def cache_shape(base: TrainConfig, modality: str) -> tuple:
-    """A vector modality's value shape ``(tokens, dim)``, from its cache's metadata."""
-    from store import CacheReader
+    """A vector modality's value shape ``(tokens, dim)``, from its cache's metadata (or the shards' for
+    values inline: ``--cache MODALITY=inline``)."""
+    from ..data.stream import open_caches
+    from ..train.streams import stream_configs
 
-    with CacheReader(base.caches[modality], expect=base.expect.get(modality)) as reader:
+    reader = open_caches(stream_configs(base)[0])[modality]
+    try:
         return tuple(reader.meta.shape)
+    finally:
+        getattr(reader, "close", lambda: None)()
 
 
 def check_grid(cfg, base: TrainConfig) -> list:

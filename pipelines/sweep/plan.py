@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fuse import FusionConfigError, FusionSpec, PoolSpec
 
+from ..data.inline import INLINE
 from ..data.splits import SPLIT_BY
 from ..train.config import TrainConfig
 from .checks import check_grid, check_settings
@@ -30,6 +31,7 @@ from .grid import (
     qualified_pool,
     spec_without,
 )
+from .jobs import ExecutorConfig
 from .report import classify
 
 DEFAULT_FUSE = "0:question"  # VQA's question at layer 0, as the thesis fused it
@@ -68,6 +70,8 @@ class SweepConfig:
         train: ``fuse-train`` settings shared by every run (``preset``, ``file`` (a config file) and
             TrainConfig fields; ``None`` values are not given).
         retry_failed: redo runs that failed (diverged or raised) before, instead of keeping their failure.
+        executor: where the points run (:class:`pipelines.sweep.jobs.ExecutorConfig`: in turn in this
+            process, as submitit jobs on this machine, or on Slurm).
     """
 
     out: str
@@ -85,6 +89,7 @@ class SweepConfig:
     repeats: int = 1
     train: dict = field(default_factory=dict)
     retry_failed: bool = False
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
     def __post_init__(self):
         self.fuse_layers, self.decoder_layers = tuple(self.fuse_layers), tuple(self.decoder_layers)
@@ -250,7 +255,7 @@ class SweepConfig:
         flags = dict(self.train)
         preset, file = flags.pop("preset", "") or "", flags.pop("file", None)
         data = str(Path(self.shards).resolve()) if self.shards else str(Path(self.out).resolve() / "qa")
-        caches = {k: str(Path(v).resolve()) for k, v in self.caches.items()}
+        caches = {k: v if v == INLINE else str(Path(v).resolve()) for k, v in self.caches.items()}
         first = GridPoint(tuple((m, layers[0]) for m, layers in self.grid().items()), 1, (), 0)
         return TrainConfig.resolve(preset, file, **flags, shards=data, caches=caches, fuse=self.fusion(first))
 

@@ -207,6 +207,25 @@ def classify(run_dir: Path) -> tuple:
         return "broken", str(e), None
 
 
+def sweep_runs(runs_dir) -> list:
+    """The names of a sweep's runs: those ``sweep.json`` plans, then any other run folder.
+
+    Raises:
+        SweepError: neither a ``sweep.json`` nor a ``runs/`` folder.
+    """
+    runs_dir = Path(runs_dir)
+    try:
+        planned = json.loads((runs_dir / "sweep.json").read_text())["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        planned = []
+    folder = runs_dir / RUNS
+    found = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if not planned and not found:
+        raise SweepError(f"{runs_dir}: no sweep.json and no {RUNS}/ folder (not a sweep directory, or no run "
+                         "started yet)")
+    return [*planned, *(n for n in found if n not in planned)]
+
+
 def scan(runs_dir) -> tuple[list, list, list]:
     """``(finished records, failed [{run, reason}], broken [{run, reason}])`` of ``runs_dir/runs``."""
     folder = Path(runs_dir) / RUNS
@@ -342,13 +361,22 @@ def report(runs_dir, figures: bool = True) -> dict:
     Returns:
         The summary (also ``summary.json``): ``points`` (the rows), ``swept`` (the modalities whose
         layer varies), ``ablation`` (:func:`ablation_rows`), ``runs`` (one entry per finished run),
-        ``failed`` and ``broken`` (``{run, reason}``), ``figures`` (paths relative to runs_dir).
+        ``failed`` and ``broken`` (``{run, reason}``), ``running`` (``{run, status, job}``: queued or
+        running jobs, :mod:`pipelines.sweep.jobs`), ``figures`` (paths relative to runs_dir).
 
     Raises:
         SweepError: ``runs_dir`` holds no ``runs/`` folder.
     """
+    from .jobs import point_states
+
     runs_dir = Path(runs_dir).resolve()
     records, failed, broken = scan(runs_dir)
+    states = {r["run"]: r for r in point_states(runs_dir, [b["run"] for b in broken])}
+    running = [{"run": b["run"], "status": states[b["run"]]["status"], "job": states[b["run"]]["job"]}
+               for b in broken if states[b["run"]]["status"] in ("queued", "running")]
+    broken = [b for b in broken if b["run"] not in {r["run"] for r in running}]
+    for r in running:
+        log.info("run %s: %s (job %s): left out of the summary until it finishes", r["run"], r["status"], r["job"])
     for b in broken:
         log.warning("broken run %s: %s (left out of the summary)", b["run"], b["reason"])
     for f in failed:
@@ -370,7 +398,7 @@ def report(runs_dir, figures: bool = True) -> dict:
     summary = {"runs_dir": str(runs_dir), "finished": len(records), "metric": _common(r.metric for r in records),
                "points": rows,
                "swept": swept_modalities(rows), "ablation": ablation, "runs": runs,
-               "failed": failed, "broken": broken, "figures": written}
+               "failed": failed, "broken": broken, "running": running, "figures": written}
     write_atomic(runs_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_atomic(runs_dir / "summary.csv", _csv(rows))
     write_atomic(runs_dir / "summary.md", summary_markdown(summary))

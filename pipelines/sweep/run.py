@@ -16,8 +16,10 @@ import shutil
 from pathlib import Path
 
 from ..errors import SweepError, TrainingDiverged
+from ..train.config import TrainConfig
 from .checks import resumable
 from .grid import FAILED, RUNS
+from .jobs import live, point_states, run_jobs
 from .plan import SweepConfig, plan
 from .report import report
 
@@ -101,8 +103,6 @@ def run_sweep(cfg: SweepConfig, train_fn=None, planned: tuple = None) -> dict:
     from ..data.stream import check_stream
     from ..train.streams import stream_configs
 
-    if train_fn is None:
-        from ..train.loop import train as train_fn
     base, todo = planned or plan(cfg)
     out, runs_root = Path(cfg.out), Path(cfg.out) / RUNS
     runs_root.mkdir(parents=True, exist_ok=True)
@@ -122,28 +122,58 @@ def run_sweep(cfg: SweepConfig, train_fn=None, planned: tuple = None) -> dict:
             log.info("skip %s: %s", point.name, "finished" if status == "finished" else f"failed before ({reason}); "
                      "--retry-failed redoes it")
             skipped.append(point.name)
+    in_flight = [p.name for p, _, _ in pending if live(out, p.name)]
+    for name in in_flight:
+        log.info("skip %s: its job is queued or running", name)
+    pending = [(p, s, r) for p, s, r in pending if p.name not in in_flight]
+    if cfg.executor.kind != "serial":
+        jobs = run_jobs(cfg.executor, out, [(p.name, cfg.run_config(base, p)) for p, _, _ in pending])
+        summary = report(out)
+        states = {row["run"]: row["status"] for row in point_states(out, [p.name for p, _, _ in todo])}
+        return {**summary, "ran": [n for n in jobs["submitted"] if states[n] == "finished"], "skipped": skipped,
+                "resumed": [], "redone": [], "in_flight": in_flight, "submitted": jobs["submitted"],
+                "newly_failed": [n for n in jobs["submitted"] if states[n] == "failed"]}
     for i, (point, status, reason) in enumerate(pending, 1):
-        run_dir = runs_root / point.name
         run = cfg.run_config(base, point)
-        if status == "broken" and resumable(run_dir, run):
-            log.warning("resume %s from its last checkpoint: %s", point.name, reason)
-            run = dataclasses.replace(run, resume=True)
-            resumed.append(point.name)
-        elif status in ("broken", "failed"):
-            log.warning("redo %s: %s", point.name, reason)
-            shutil.rmtree(run_dir)
-            redone.append(point.name)
         log.info("run %d/%d %s: --fuse '%s' --pool '%s' --decoder-layers %d --seed %d", i, len(pending),
                  point.name, run.fuse, run.pool, run.decoder_layers, run.seed)
-        try:
-            results = train_fn(run, train_checked=True)
-        except Exception as e:  # noqa: BLE001 - a point's failure is its result; the grid goes on (Ctrl-C stops it)
-            record_failure(run_dir, point.name, e)
-            newly_failed.append(point.name)
-            continue
-        ran.append(point.name)
-        log.info("run %s: best accuracy %.2f%%, last %.2f%%, %.2f steps/s", point.name,
-                 100 * results["best"]["accuracy"], 100 * results["last"]["accuracy"], results["steps_per_s"])
+        how, results = run_one(run, point.name, status, reason, train_fn)
+        {"resumed": resumed, "redone": redone}.get(how, []).append(point.name)
+        (ran if results is not None else newly_failed).append(point.name)
     summary = report(out)
     return {**summary, "ran": ran, "skipped": skipped, "resumed": resumed, "redone": redone,
-            "newly_failed": newly_failed}
+            "newly_failed": newly_failed, "in_flight": in_flight, "submitted": {}}
+
+
+def run_one(run: TrainConfig, name: str, status: str, reason: str, train_fn=None, reraise: bool = False) -> tuple:
+    """Train one grid point, in this process (a serial sweep, or a job: :mod:`pipelines.sweep.jobs`).
+
+    A broken run goes on from its last checkpoint when :func:`resumable`, else it is deleted and done
+    again, as is a failed one; an error is recorded in ``failed.json`` (:func:`record_failure`).
+
+    Returns:
+        ``(how, results)``: how is ``new``, ``resumed`` or ``redone``; results None if it failed.
+
+    Raises:
+        Exception: the training's error, after recording it, when ``reraise``.
+    """
+    if train_fn is None:
+        from ..train.loop import train as train_fn
+    run_dir, how = Path(run.out), "new"
+    if status == "broken" and resumable(run_dir, run):
+        log.warning("resume %s from its last checkpoint: %s", name, reason)
+        run, how = dataclasses.replace(run, resume=True), "resumed"
+    elif status in ("broken", "failed"):
+        log.warning("redo %s: %s", name, reason)
+        shutil.rmtree(run_dir)
+        how = "redone"
+    try:
+        results = train_fn(run, train_checked=True)
+    except Exception as e:  # noqa: BLE001 - a point's failure is its result; the grid goes on (Ctrl-C stops it)
+        record_failure(run_dir, name, e)
+        if reraise:
+            raise
+        return how, None
+    log.info("run %s: best accuracy %.2f%%, last %.2f%%, %.2f steps/s", name,
+             100 * results["best"]["accuracy"], 100 * results["last"]["accuracy"], results["steps_per_s"])
+    return how, results
