@@ -80,6 +80,10 @@ def main(caches, config_file, preset, as_json, **flags):
         cfg.check_fields(read_manifest(cfg.shards)["fields"], f"the shards in {cfg.shards}")
     with cli_errors(), distributed_teardown():
         results = train(cfg)
+    from ..data.stream import rank_info
+
+    if rank_info()[0] != 0:
+        return  # the main process reports, once for all processes and nodes
     if results.get("stopped"):
         click.echo(f"stopped at step {results['steps']} (--stop-at); continue with --resume", err=True)
     elif as_json:
