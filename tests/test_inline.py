@@ -146,6 +146,13 @@ def test_shards_stream_from_a_url_and_pipe_or_secured_local_paths_are_refused(in
     seen = check_batches(train_loader(inline_config(remote, read_manifest(url)["inline"], num_workers=2)),
                          {r["id"]: r for r in records})
     assert sorted(seen) == sorted(r["id"] for r in records)
+    with pytest.raises(PipelineError, match=rf"^{http_root}/nope/manifest.json: cannot read it \(curl exit 22: HTTP "
+                                            r"error \(not found\?\)\)$"):
+        read_manifest(f"{http_root}/nope")
+    # curl's 404 is seen when it exits before the tar is read, else as an empty tar: a race, both named
+    with pytest.raises(PipelineError, match=rf"^{url}/gone-000000.tar: cannot read the shard \((empty file|curl "
+                                            r"exit 22: HTTP error \(not found\?\))\)$"):
+        read_records([f"{url}/gone-000000.tar"])
     with pytest.raises(PipelineError, match=r"^--shards pipe:touch x: pipe: URLs run a shell command and are not read"):
         open_url("pipe:touch x")
     with pytest.raises(PipelineError, match=r"^--shards pipe:cat /x/manifest.json: pipe: URLs"):

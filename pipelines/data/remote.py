@@ -12,6 +12,8 @@ process reads only remote shards.
 """
 
 import posixpath
+import re
+import tarfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -23,6 +25,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from ..errors import PipelineError
 
 WEB_SCHEMES = ("http", "https")
+CURL_EXITS = {"6": "unknown host", "7": "no connection", "22": "HTTP error (not found?)", "28": "timed out"}
 
 
 def scheme(location: str) -> str:
@@ -80,10 +83,28 @@ def open_url(url: str):
         raise PipelineError(f"{url}: cannot open {s}:// URLs ({e})") from None
 
 
+def reason(error: Exception) -> str:
+    """An error reading a URL in a few words: webdataset's curl pipe reports ``... exit 22 (read)``,
+    said here as curl's exit status (22: an HTTP error such as 404; 7: no connection)."""
+    text = str(error.args[0]) if error.args else str(error)
+    found = re.search(r"\bexit (\d+)", text)
+    if found and "curl" in text:
+        return f"curl exit {found.group(1)}: " + CURL_EXITS.get(found.group(1), "see curl's exit codes")
+    strerror = getattr(error, "strerror", None)
+    return strerror if isinstance(strerror, str) and strerror else text
+
+
 def read_bytes(url: str) -> bytes:
-    """The whole file at ``url`` (a manifest), local or remote."""
-    with open_url(url) as f:
-        data = f.read()
+    """The whole file at ``url`` (a manifest), local or remote.
+
+    Raises:
+        PipelineError: it cannot be read, or reads as nothing.
+    """
+    try:
+        with open_url(url) as f:
+            data = f.read()
+    except OSError as e:
+        raise PipelineError(f"{url}: cannot read it ({reason(e)})") from None
     if not data and is_url(url):  # curl -f -s: a missing file reads as nothing
         raise PipelineError(f"{url}: empty or not found")
     return data
@@ -97,13 +118,18 @@ def url_streams(src):
         try:
             stream = open_url(url)
         except OSError as e:
-            raise PipelineError(f"{url}: cannot read the shard ({e})") from None
+            raise PipelineError(f"{url}: cannot read the shard ({reason(e)})") from None
         yield {**sample, "stream": stream}
 
 
 def _shard_samples(src):
-    """webdataset's ``tarfile_samples`` with :func:`url_streams` as the opener."""
-    return group_by_keys(tar_file_expander(url_streams(src)))
+    """webdataset's ``tarfile_samples`` with :func:`url_streams` as the opener; a shard that cannot
+    be read is one error naming it (webdataset appends the shard's URL to the error's args)."""
+    try:
+        yield from group_by_keys(tar_file_expander(url_streams(src)))
+    except (OSError, tarfile.TarError) as e:  # a remote file that is not there reads as an empty tar
+        url = e.args[-1] if len(e.args) > 1 and isinstance(e.args[-1], str) else "a shard"
+        raise PipelineError(f"{url}: cannot read the shard ({reason(e)})") from None
 
 
 shard_samples = pipelinefilter(_shard_samples)  # tar shards -> {"__key__", "__url__", member: bytes}

@@ -294,10 +294,7 @@ def read_manifest(out) -> dict:
     check_location(path)
     if not is_url(path) and not Path(path).is_file():
         raise PipelineError(f"{path}: no such file (not a shard folder, or `vqa-data shards` did not finish)")
-    try:
-        raw = read_bytes(path)
-    except OSError as e:
-        raise PipelineError(f"{path}: cannot read it ({e})") from None
+    raw = read_bytes(path)
     manifest = read_format_json(path, MANIFEST_FORMAT, "manifest", PipelineError, raw=raw)
     if manifest.get("version") != MANIFEST_VERSION:
         raise PipelineError(f"{path}: shards of format version {manifest.get('version')}, this version reads "
