@@ -1,7 +1,8 @@
 """``fuse-sweep``: a training per grid point, then the summary and figures (see :mod:`pipelines.sweep.run`).
 
-``fuse-sweep [run] ...`` runs (``run`` may be left out); ``fuse-sweep report RUNS_DIR`` rebuilds the
-summary and figures from the finished runs alone. Every ``fuse-train`` setting that is not the
+``fuse-sweep [run] ...`` runs (``run`` may be left out; ``--executor local|slurm`` as submitit jobs:
+:mod:`pipelines.sweep.jobs`); ``fuse-sweep report RUNS_DIR`` rebuilds the summary and figures from the
+finished runs alone; ``fuse-sweep status RUNS_DIR`` shows each point's state and job. Every ``fuse-train`` setting that is not the
 grid's own (``--fuse``, ``--pool``, ``--decoder-layers``) or a run's own (``--out``, ``--resume``,
 ...) is taken over from ``fuse-train``'s options, so both commands accept the same flags.
 """

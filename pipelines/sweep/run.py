@@ -1,6 +1,8 @@
 """Running a sweep: every unfinished grid point trained in turn, then the summary and figures.
 
-The runs go one after the other in this process, each through :func:`pipelines.train.loop.train`.
+The runs go one after the other in this process, each through :func:`pipelines.train.loop.train`
+(:func:`run_one`), or, with ``--executor local|slurm``, as submitit jobs that each run
+:func:`run_one` (:mod:`pipelines.sweep.jobs`); a point whose job is queued or running is left alone.
 A run that raises (its loss diverged, or any other error) is recorded as failed (``failed.json``
 with the reason) and the sweep goes on to the next point. A rerun skips finished runs (whole
 ``results.json`` with the same settings), keeps failed ones unless asked to retry, continues
