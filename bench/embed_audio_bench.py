@@ -6,15 +6,16 @@ measures, with the same encoder, batch size and threads:
 
 - encoder alone: the feature extractor (spectrogram) and the forward pass on waveforms already decoded,
   mono and at the encoder's rate, in memory (inference mode), before and after each end-to-end run;
-- end to end: :func:`embed.embed` from the files to a fresh cache (decode, resample and spectrogram in
-  DataLoader workers, forward pass, background LMDB writer), over its embedding loop and the whole call;
+- end to end: :func:`embed.embed` from the files to a fresh cache (decode and resample in DataLoader
+  workers; the spectrogram there too, or on each batch in the main process: ``--features-on``; forward
+  pass, background LMDB writer), over its embedding loop and the whole call;
 
 and prints their ratio (target on the 2-core dev machine: at least 0.9), then where one file's decode
 time goes (read, decode + downmix, resample, spectrogram), measured in this process on every file.
 
     python bench/embed_audio_bench.py [--n 256] [--model ast_sounds_demo] [--batch-size 32]
         [--format flac] [--rate 44100] [--channels 2] [--seconds S] [--num-workers N] [--threads N]
-        [--rounds 2] [--dir /tmp]
+        [--features-on workers batch] [--rounds 2] [--dir /tmp]
 """
 
 import argparse
@@ -94,6 +95,8 @@ def main():
     ap.add_argument("--seconds", type=float, default=None, help="clip length [default: the encoder's]")
     ap.add_argument("--num-workers", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--features-on", nargs="+", default=["workers", "batch"], choices=["workers", "batch"],
+                    help="where embed runs the spectrogram; each is measured in every round")
     ap.add_argument("--rounds", type=int, default=2, help="end-to-end runs, each between two encoder-only runs")
     ap.add_argument("--dir", default=None, help="where to write the clips and caches (default: a temp dir)")
     args = ap.parse_args()
@@ -118,24 +121,27 @@ def main():
               f"batch {args.batch_size}; {cpus} CPUs; torch threads {torch.get_num_threads()}")
         waves = waveforms(files, loaded.sample_rate, loaded.clip_samples)
 
-        enc_rates, loop_rates, call_rates = [encoder_only(loaded, waves, args.batch_size)], [], []
+        enc_rates, loop_rates, call_rates = [encoder_only(loaded, waves, args.batch_size)], {}, {}
         print(f"encoder only:  {enc_rates[-1]:8.1f} clips/s (spectrogram + forward on decoded waveforms)")
-        for r in range(args.rounds):  # interleaved, so a busy neighbour slows both sides alike
-            cfg.out = str(root / f"cache{r}")
-            s = embed(cfg)
-            assert s.embedded == args.n and s.failed == 0, s
-            loop_rates.append(s.embedded / s.embed_s)
-            call_rates.append(s.images_per_s)
-            print(f"end to end:    {loop_rates[-1]:8.1f} clips/s over the embedding loop ({s.images_per_s:.1f} "
-                  f"over the whole call of {s.wall_s:.1f} s, model loading included)")
-            print(f"  decode + spectrogram {s.decode_s / s.embedded * 1e3:.2f} ms/clip of worker time; the loop "
-                  f"waited {s.wait_s:.2f} s for data; model {s.model_s:.1f} s; background write {s.write_s:.2f} s")
+        for r in range(args.rounds):  # interleaved, so a busy neighbour slows every side alike
+            for where in args.features_on:
+                cfg.out, cfg.features_on = str(root / f"cache{r}_{where}"), where
+                s = embed(cfg)
+                assert s.embedded == args.n and s.failed == 0, s
+                loop_rates.setdefault(where, []).append(s.embedded / s.embed_s)
+                call_rates.setdefault(where, []).append(s.images_per_s)
+                print(f"end to end, features in {where:7s}: {loop_rates[where][-1]:6.1f} clips/s over the embedding "
+                      f"loop ({s.images_per_s:.1f} over the whole call of {s.wall_s:.1f} s, model loading included)")
+                print(f"  worker time {s.decode_s / s.embedded * 1e3:.2f} ms/clip; the loop waited {s.wait_s:.2f} s "
+                      f"for data; main process (features on the batch, forward) {s.model_s:.1f} s; background "
+                      f"write {s.write_s:.2f} s")
             enc_rates.append(encoder_only(loaded, waves, args.batch_size))
             print(f"encoder only:  {enc_rates[-1]:8.1f} clips/s")
         ref = float(np.mean(enc_rates))
-        print(f"ratio end-to-end / encoder-only: {np.mean(loop_rates) / ref:.3f} over the embedding loop, "
-              f"{np.mean(call_rates) / ref:.3f} over the whole call  (load average {os.getloadavg()[0]:.1f} on "
-              f"{cpus} CPUs)")
+        for where in args.features_on:
+            print(f"ratio end-to-end / encoder-only, features in {where}: {np.mean(loop_rates[where]) / ref:.3f} "
+                  f"over the embedding loop, {np.mean(call_rates[where]) / ref:.3f} over the whole call")
+        print(f"(load average {os.getloadavg()[0]:.1f} on {cpus} CPUs)")
         steps = decode_breakdown(loaded, files)
         total = sum(steps.values())
         print("decode per clip (one process, medians): " + ", ".join(

@@ -17,8 +17,11 @@ clap, clap_audio_model        ``ClapModel.audio_model`` (HTSAT)   the last Swin 
 ============================  ==================================  ==============================
 
 The feature extractor (``AutoFeatureExtractor``: log-mel filterbanks, or normalised samples for
-wav2vec2) runs in the DataLoader workers, one call per file (all its windows at once), so the
-spectrograms of one batch are computed in parallel while the model runs on the previous one.
+wav2vec2) runs either in the DataLoader workers, one call per file (all its windows at once), in
+parallel with the forward pass: the choice with CUDA, where the main process must only feed the GPU;
+or on each batch in the main process, the workers only decoding: the choice on the CPU, where with a
+small encoder the workers (one per spare core) otherwise become the bottleneck
+(``--features-on``; bench/embed_audio_bench.py measures both).
 """
 
 import json
@@ -59,6 +62,14 @@ class FeatureFn:
     def __call__(self, clips: list) -> dict:
         out = self.extractor(clips, sampling_rate=self.sample_rate, return_tensors="np")
         return {k: np.asarray(out[k], dtype=np.bool_ if k == "is_longer" else np.float32) for k in self.keys}
+
+
+class Waveforms:
+    """Clips -> ``{"waveform": (n, samples)}``: the dataset's output when the feature extractor runs
+    on the batch (``--features-on batch``) instead of in the workers."""
+
+    def __call__(self, clips: list) -> dict:
+        return {"waveform": np.stack(clips).astype(np.float32, copy=False)}
 
 
 @dataclass

@@ -9,8 +9,17 @@ import click
 
 from store import DTYPES, StoreError
 
-from .config import (DEFAULT_AUDIO_MODEL, DEFAULT_FRAMES, DEFAULT_MAX_PIXELS, DEFAULT_MODEL, MODALITIES, PRECISIONS,
-                     SOURCE_KINDS, EmbedConfig)
+from .config import (
+    DEFAULT_AUDIO_MODEL,
+    DEFAULT_FRAMES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MODEL,
+    FEATURES_ON,
+    MODALITIES,
+    PRECISIONS,
+    SOURCE_KINDS,
+    EmbedConfig,
+)
 from .errors import EmbedError
 
 
@@ -99,6 +108,9 @@ def _format_summary(s) -> list[str]:
 @click.option("--windows", is_flag=True,
               help="audio: a file longer than the clip becomes consecutive windows, stored as ID#w0, ID#w1, ... "
                    "(the last one padded) instead of being cropped to its start.")
+@click.option("--features-on", type=click.Choice(FEATURES_ON), default="auto", show_default=True,
+              help="audio: run the feature extractor (spectrogram) in the decode workers or in the main process on "
+                   "each batch; auto: the workers with CUDA, the batch on the CPU (measured faster there).")
 @click.option("--frames", type=int,
               help=f"video: frames T per clip, spread uniformly over it [default: {DEFAULT_FRAMES}].")
 @click.option("--fps", type=float,
@@ -117,7 +129,8 @@ def _format_summary(s) -> list[str]:
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
 def cli(images, out, modality, model, pretrained, checkpoint, model_kwargs, img_size, layer, batch_size, dtype, device,
         precision, num_workers, threads, source, id_pattern, max_pixels, draft, decode_on_device, pin_memory,
-        seed, clip_seconds, windows, frames, fps, frame_pool, failures, strict, progress, as_json, verbose, quiet):
+        seed, clip_seconds, windows, features_on, frames, fps, frame_pool, failures, strict, progress, as_json,
+        verbose, quiet):
     """Embed IMAGES (or audio or video files) into an LMDB cache (id -> encoder tokens).
 
     IMAGES are folders (recursive; id = the file name's stem, or 123456 for
@@ -151,14 +164,16 @@ def cli(images, out, modality, model, pretrained, checkpoint, model_kwargs, img_
             device=device, precision=precision, num_workers=num_workers, threads=threads, source=source,
             id_pattern=id_pattern, max_pixels=max_pixels, draft=draft, decode_on_device=decode_on_device,
             pin_memory=pin_memory, seed=seed, failures=failures, modality=modality, clip_seconds=clip_seconds,
-            windows=windows, frames=frames, fps=fps, frame_pool=frame_pool,
+            windows=windows, features_on=features_on, frames=frames, fps=fps, frame_pool=frame_pool,
             progress=sys.stderr.isatty() if progress is None else progress)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
 
     import torch
 
-    from .run import embed  # timm loads only once the arguments are known to be good (import embed loads torch)
+    from .run import (
+        embed,  # timm loads only once the arguments are known to be good (import embed loads torch)
+    )
 
     try:
         summary = embed(config)

@@ -17,6 +17,7 @@ MODALITIES = ("image", "audio", "video")
 DEFAULT_AUDIO_MODEL = "MIT/ast-finetuned-audioset-10-10-0.4593"
 DEFAULT_FRAMES = 8
 FRAME_POOLS = ("none", "mean", "grid:K")
+FEATURES_ON = ("auto", "workers", "batch")
 # PIL's own default (Image.MAX_IMAGE_PIXELS): about 0.25 GB of 24-bit pixels
 DEFAULT_MAX_PIXELS = 89_478_485
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
@@ -63,6 +64,10 @@ class EmbedConfig:
         modality: ``image``, ``audio`` or ``video``.
         clip_seconds: audio: the fixed clip length (crop or pad); None: the encoder's natural length.
         windows: audio: a file longer than the clip becomes consecutive windows ``{id}#w{k}``.
+        features_on: audio: where the feature extractor (spectrogram) runs: ``workers`` (beside the
+            decoding, in the DataLoader workers), ``batch`` (in the main process, on each batch) or
+            ``auto``: workers when the encoder runs on CUDA (the main process only feeds the GPU),
+            the batch on the CPU (measured faster there: bench/embed_audio_bench.py).
         frames: video: frames T per clip (None: :data:`DEFAULT_FRAMES`).
         fps: video: sample at this rate from the start (at most ``frames``, padded to it) instead of
             spreading ``frames`` uniformly over the clip.
@@ -97,6 +102,7 @@ class EmbedConfig:
     modality: str = "image"
     clip_seconds: float | None = None
     windows: bool = False
+    features_on: str = "auto"
     frames: int | None = None
     fps: float | None = None
     frame_pool: str = "none"
@@ -172,13 +178,15 @@ class EmbedConfig:
                  "--frames": self.frames is not None, "--fps": self.fps is not None,
                  "--frame-pool": self.frame_pool != "none", "--checkpoint": self.checkpoint is not None,
                  "--model-kwargs": bool(self.model_kwargs), "--img-size": self.img_size is not None,
-                 "--decode-on-device": self.decode_on_device}
+                 "--decode-on-device": self.decode_on_device, "--features-on": self.features_on != "auto"}
         allowed = {"image": {"--checkpoint", "--model-kwargs", "--img-size", "--decode-on-device"},
-                   "audio": {"--clip-seconds", "--windows"},
+                   "audio": {"--clip-seconds", "--windows", "--features-on"},
                    "video": {"--frames", "--fps", "--frame-pool", "--checkpoint", "--model-kwargs", "--img-size"}}
         for flag, on in given.items():
             if on and flag not in allowed[self.modality]:
                 raise ValueError(f"{flag} does not apply to --modality {self.modality}")
+        if self.features_on not in FEATURES_ON:
+            raise ValueError(f"--features-on {self.features_on}: choose one of {', '.join(FEATURES_ON)}")
         if self.clip_seconds is not None and not self.clip_seconds > 0:
             raise ValueError(f"--clip-seconds {self.clip_seconds}: must be a positive number of seconds")
         if self.modality == "video":

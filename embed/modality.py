@@ -96,6 +96,9 @@ class AudioEmbedder:
 
         self.config = config
         self.model = load_audio_model(config, device)
+        self.features_on = config.features_on
+        if self.features_on == "auto":  # see EmbedConfig.features_on
+            self.features_on = "workers" if device.type == "cuda" else "batch"
 
     scan = ImageEmbedder.scan
 
@@ -107,14 +110,21 @@ class AudioEmbedder:
 
     def dataset(self, refs: list):
         from .audio import AudioDataset, collate_clips
+        from .audio_model import Waveforms
 
         m = self.model
-        return AudioDataset(refs, m.sample_rate, m.clip_samples, m.windows, m.features), collate_clips
+        features = m.features if self.features_on == "workers" else Waveforms()
+        return AudioDataset(refs, m.sample_rate, m.clip_samples, m.windows, features), collate_clips
 
     def on_device(self, batch, device: torch.device):
+        """The features on the device; computed here from the waveforms with ``--features-on batch``."""
         if batch.inputs is None:
             return [], None, [], 0.0
-        return batch.ids, {k: v.to(device, non_blocking=True) for k, v in batch.inputs.items()}, [], 0.0
+        inputs = batch.inputs
+        if "waveform" in inputs:
+            features = self.model.features(list(inputs["waveform"].numpy()))  # name -> (B, ...)
+            inputs = {k: torch.from_numpy(v) for k, v in features.items()}
+        return batch.ids, {k: v.to(device, non_blocking=True) for k, v in inputs.items()}, [], 0.0
 
     def forward(self, inputs: dict) -> torch.Tensor:
         return self.model.forward_tokens(inputs)  # (B, L, D)
@@ -128,7 +138,8 @@ class AudioEmbedder:
                 "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
                              "soundfile": soundfile.__version__, "libsndfile": soundfile.__libsndfile_version__,
                              "av": av.__version__},
-                "decode": "soundfile, else PyAV (FFmpeg); channels averaged; libswresample"}
+                "decode": "soundfile, else PyAV (FFmpeg); channels averaged; libswresample",
+                "features_on": self.features_on}
 
 
 class VideoEmbedder:

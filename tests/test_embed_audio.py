@@ -223,6 +223,22 @@ def test_windows_split_a_long_file_under_derived_ids(tmp_path, ast):
     assert embed(config(d, tmp_path / "cache", ast, windows=True)).skipped == 2  # resume by window 0
 
 
+def test_features_in_the_workers_or_on_the_batch_give_the_same_values(tmp_path, ast):
+    d = tmp_path / "sounds"
+    d.mkdir()
+    for i in range(5):
+        sf.write(d / f"s{i}.wav", tone(0.4 + 0.5 * i, freq=300 + 50 * i), SR)
+    on_batch = embed(config(d, tmp_path / "batch", ast, windows=True, features_on="batch"))
+    in_workers = embed(config(d, tmp_path / "workers", ast, windows=True, features_on="workers", num_workers=1))
+    assert on_batch.values == in_workers.values == 9  # 1 + 1 + 2 + 2 + 3 windows (0.4, 0.9, ... 2.4 s)
+    a, b = read_all(tmp_path / "batch"), read_all(tmp_path / "workers")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    with CacheReader(tmp_path / "workers") as r:
+        assert r.meta.producer["features_on"] == "workers"
+
+
 def test_a_cache_of_another_encoder_or_sample_rate_is_refused(tmp_path, ast):
     sf.write(tmp_path / "a.wav", tone(1.0), SR)
     embed(config(tmp_path / "a.wav", tmp_path / "cache", ast))
