@@ -93,6 +93,9 @@ def main():
         fuse-sweep --grid cpu --shards runs/qa --cache image=runs/cache --out runs/sweep
         fuse-sweep --shards runs/qa --cache image=runs/cache --cache audio=runs/audio --fuse-grid "image=0,4 audio=0,2,4" --ablate --preset demo --out runs/sweep-av
         fuse-sweep report runs/sweep
+        fuse-sweep --grid cpu --shards runs/qa --cache image=runs/cache --out runs/sweep --executor local --parallel 2
+        fuse-sweep --shards /shared/qa --cache image=inline --fuse-layers 0,6,12 --preset paper --out /shared/sweep --executor slurm --partition gpu --time 720
+        fuse-sweep status /shared/sweep
     """
 
 
@@ -159,7 +162,13 @@ def run(caches, grid, dry_run, executor, parallel, gpus, partition, gpus_per_run
     from its last checkpoint if it was started with the same settings, else it is deleted and run
     again; a run whose loss diverges, or that raises any other error, is recorded as failed
     (OUT/runs/RUN/failed.json, with the reason) and the sweep goes on. All fuse-train options below
-    --dry-run apply to every run (--seed is the first repeat's seed).
+    --slurm-opt apply to every run (--seed is the first repeat's seed).
+
+    --executor local runs the points as submitit jobs on this machine (--parallel N at once, or one
+    per GPU of --gpus) and waits; --executor slurm submits one Slurm job per point and returns
+    (follow them with `fuse-sweep status OUT` and `fuse-sweep report OUT`; the same command again
+    submits what is neither finished nor queued nor running). A job killed, timed out or preempted
+    goes on from its run's last checkpoint when it runs again.
 
     Example:
 
@@ -167,6 +176,7 @@ def run(caches, grid, dry_run, executor, parallel, gpus, partition, gpus_per_run
         fuse-sweep --shards runs/qa --cache image=runs/cache --fuse-layers 0,1,2,3,4 --decoder-layers 1,2,4 --preset demo --steps 300 --out runs/sweep
         fuse-sweep --grid cpu --shards runs/qa --cache image=runs/cache --out runs/sweep
         fuse-sweep --shards runs/qa --cache image=runs/cache --cache audio=runs/audio --fuse "0:question 4:image" --fuse-grid audio=0,2,4 --ablate --pool image:attention:4,audio:none,audio:mean:2 --preset demo --out runs/sweep-audio
+        fuse-sweep --shards /shared/qa --cache image=inline --fuse-layers 0,6,12 --preset paper --out /shared/sweep --executor slurm --partition gpu --gpus-per-run 1 --time 720 --slurm-opt account=abc
     """
     from ..sweep.plan import plan
     from ..sweep.run import run_sweep
