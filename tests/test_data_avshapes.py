@@ -15,8 +15,15 @@ from PIL import Image
 
 from pipelines.cli.data import cli
 from pipelines.data import sounds
-from pipelines.data.avshapes import (COLUMNS, QUESTION_TYPES, ROWS, clip_examples, clip_id, make_clip,
-                                     majority_baseline)
+from pipelines.data.avshapes import (
+    COLUMNS,
+    QUESTION_TYPES,
+    ROWS,
+    clip_examples,
+    clip_id,
+    majority_baseline,
+    make_clip,
+)
 from pipelines.data.example import read_dataset_info, read_examples
 from pipelines.data.shapes import COLORS, SHAPES
 
