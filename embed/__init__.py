@@ -1,4 +1,8 @@
-"""Stage 1: images -> timm ViT patch tokens -> the LMDB embedding cache (:mod:`store`).
+"""Stage 1: images, audio or video -> encoder tokens -> the LMDB embedding cache (:mod:`store`).
+
+Images and video frames go through a timm ViT (:mod:`embed.model`), audio through a transformers
+audio encoder (:mod:`embed.audio_model`); one loop (:mod:`embed.run`) serves all three
+(``EmbedConfig(modality=...)``, :mod:`embed.modality`).
 
 Example:
     >>> from embed import EmbedConfig, embed
