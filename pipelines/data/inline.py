@@ -150,5 +150,9 @@ def batch_values(samples: list, name: str):
         bad = next(s for s in samples if name not in s.get("inline", {}))
         raise PipelineError(f"example {bad.get('id')}: its shard carries no inline {name!r} values (write the "
                             f"shards with `vqa-data shards --inline {name}=CACHE`, or give --cache {name}=PATH)") from None
-    # torch's own collate stacks into a shared-memory tensor when this is a worker: one copy per value
-    return torch.utils.data.default_collate([torch.from_numpy(row) for row in rows])  # (B, *shape)
+    # np.stack: torch.stack of float16 on the CPU measured 25x slower (66 against 2.6 ms for 64 rows)
+    out = torch.from_numpy(np.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype))  # (B, *shape)
+    if torch.utils.data.get_worker_info() is not None:
+        out = out.share_memory_()  # moved before it is filled: the values are written once, into shared memory
+    np.stack(rows, out=out.numpy())
+    return out
