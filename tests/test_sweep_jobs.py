@@ -68,7 +68,8 @@ def test_local_jobs_run_the_grid_and_a_job_killed_midway_is_resumed_by_the_rerun
         r = CliRunner().invoke(main, ["report", str(out)])  # while runs are in flight
         assert r.exit_code == 0, r.output
         assert f"running: {victim} (job {record['job']['id']}): not in the summary until it finishes" in r.output
-        os.kill(record["started"]["pid"], signal.SIGKILL)  # the training process of the job
+        started = json.loads((out / "jobs" / f"{victim}.started.json").read_text())
+        os.kill(started["pid"], signal.SIGKILL)  # the training process of the job
         output, _ = sweep.communicate(timeout=300)
     finally:
         if sweep.poll() is None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SweepError
+from ..files import write_atomic
 from ..train.config import TrainConfig
 from .command import PointCommand
 from .grid import RUNS
@@ -113,7 +114,7 @@ def write_point(out, name: str, run: TrainConfig) -> Path:
     """``OUT/jobs/NAME.json`` with the run's settings (what the job trains), before it is submitted."""
     path = jobs_dir(out) / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"config": run.to_dict()}, indent=2) + "\n")
+    write_atomic(path, json.dumps({"config": run.to_dict()}, indent=2) + "\n")
     return path
 
 
@@ -129,12 +130,16 @@ def read_point(out, name: str) -> dict:
 
 
 def update_point(out, name: str, **fields) -> None:
-    path = jobs_dir(out) / f"{name}.json"
+    """Add ``fields`` to ``OUT/jobs/NAME.json`` (only the submitting process writes it)."""
     record = read_point(out, name)
     record.update(fields)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(jobs_dir(out) / f"{name}.json", json.dumps(record, indent=2) + "\n")
+
+
+def started_path(out, name: str) -> Path:
+    """``OUT/jobs/NAME.started.json``: the job's own record (host, pid, time), a file of its own so
+    that the job and the submitting process never write one file."""
+    return jobs_dir(out) / f"{name}.started.json"
 
 
 def run_point(out, name: str, train_fn=None) -> dict:
@@ -150,7 +155,8 @@ def run_point(out, name: str, train_fn=None) -> dict:
     from .run import run_one
 
     run = TrainConfig(**read_point(out, name)["config"])
-    update_point(out, name, started={"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
+    write_atomic(started_path(out, name),
+                 json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}) + "\n")
     run_dir = Path(run.out)
     status, reason, _ = classify(run_dir) if run_dir.exists() else ("todo", "", None)
     return run_one(run, name, status, reason, train_fn=train_fn, reraise=True)
