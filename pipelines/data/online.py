@@ -17,28 +17,75 @@ from .vqa import image_path
 log = logging.getLogger(__name__)
 
 
-def load_vit(producer: dict, device="cpu"):
-    """The ``embed`` model that wrote a cache, from the cache's ``producer`` metadata.
-
-    Returns:
-        ``(embed.LoadedModel, embed.EmbedConfig)``: the model and the settings it embedded with.
+def embed_config(producer: dict, device="cpu"):
+    """The :class:`embed.EmbedConfig` a cache was embedded with, from its ``producer`` metadata.
 
     Raises:
-        PipelineError: the metadata lacks the embed settings, or the rebuilt weights differ.
+        PipelineError: the metadata lacks the embed settings.
     """
-    from embed import EmbedConfig, load_model
+    from embed import EmbedConfig
 
     settings = dict(producer.get("embed_config") or {})
     if not settings:
         raise PipelineError("the cache's metadata does not say how it was embedded (no producer.embed_config)")
     settings.update(images=("<online>",), out="<online cache>", progress=False, device=str(device))
     known = set(EmbedConfig.__dataclass_fields__)
-    config = EmbedConfig(**{k: v for k, v in settings.items() if k in known})
+    return EmbedConfig(**{k: v for k, v in settings.items() if k in known})
+
+
+def _check_weights(producer: dict, weights: str, weights_hash: str) -> None:
+    if producer.get("weights_hash") and weights_hash != producer["weights_hash"]:
+        raise PipelineError(f"the encoder rebuilt from the cache's metadata ({weights}) has weights "
+                            f"{weights_hash}, the cache was made with {producer['weights_hash']}")
+
+
+def load_vit(producer: dict, device="cpu"):
+    """The ``embed`` ViT that wrote an image cache, from the cache's ``producer`` metadata.
+
+    Returns:
+        ``(embed.LoadedModel, embed.EmbedConfig)``: the model and the settings it embedded with.
+
+    Raises:
+        PipelineError: the metadata lacks the embed settings, the cache is not an image cache, or the
+            rebuilt weights differ.
+    """
+    from embed import load_model
+
+    config = embed_config(producer, device)
+    if config.modality != "image":
+        raise PipelineError(f"the cache holds {config.modality} tokens (embed --modality {config.modality}); "
+                            "embedding on the fly during training takes images only: embed the files into the cache")
     loaded = load_model(config, device=device)
-    if producer.get("weights_hash") and loaded.weights_hash != producer["weights_hash"]:
-        raise PipelineError(f"the ViT rebuilt from the cache's metadata ({loaded.weights}) has weights "
-                            f"{loaded.weights_hash}, the cache was made with {producer['weights_hash']}")
+    _check_weights(producer, loaded.weights, loaded.weights_hash)
     return loaded, config
+
+
+@torch.inference_mode()
+def embed_file(producer: dict, path, device="cpu") -> torch.Tensor:
+    """One file's tokens, ``(1, L, D)``, made as ``embed`` made the cache's values: the same modality
+    (image, audio, video), encoder, weights and settings, read from the cache's ``producer``.
+
+    Raises:
+        PipelineError: the metadata lacks the settings, the rebuilt weights differ, or the file cannot
+            be embedded (missing, not an image/sound/video, ...: the line ``embed`` would report).
+    """
+    from embed.modality import make_embedder
+    from embed.sources import ImageRef
+
+    config = embed_config(producer, device)
+    if config.modality == "audio" and config.windows:
+        config.windows = False  # one file, one value: its first window (the clip length is the cache's)
+    embedder = make_embedder(config, torch.device(device))
+    _check_weights(producer, embedder.model.weights, embedder.model.weights_hash)
+    dataset, collate = embedder.dataset([ImageRef("file", str(path))])
+    batch = collate([dataset[0]])
+    if batch.failed:
+        raise PipelineError(f"{path}: cannot embed it: {batch.failed[0]['reason']}")
+    _, inputs, failed, _ = embedder.on_device(batch, torch.device(device))
+    if failed or inputs is None:
+        reason = failed[0]["reason"] if failed else "nothing decoded"
+        raise PipelineError(f"{path}: cannot embed it: {reason}")
+    return embedder.forward(inputs).float()  # (1, L, D)
 
 
 class ImageEmbedder:

@@ -250,7 +250,7 @@ def answer_one(model, run: dict, tokenizer, texts: dict, files: dict, max_new_to
         ValueError: a field the model fuses is not given, or one it does not fuse is (exit 2).
         PipelineError: the checkpoint does not record how a field's embeddings were made.
     """
-    from ..data.online import ImageEmbedder, load_vit
+    from ..data.online import embed_file
 
     cfg = model.config
     fused = cfg.fusion().modalities()
@@ -276,8 +276,7 @@ def answer_one(model, run: dict, tokenizer, texts: dict, files: dict, max_new_to
         producer = run["producers"].get(name)
         if producer is None:
             raise PipelineError(f"vector field {name!r}: the checkpoint does not record how its embeddings were made")
-        embedder = ImageEmbedder(load_vit(producer), vqa_dir=Path("."))
-        inputs[name] = embedder.embed_paths([files[name]])
+        inputs[name] = embed_file(producer, files[name])  # (1, L, D), as embed made the cache's values
     with torch.inference_mode():
         out = model.generate(modalities=inputs, max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
     return decode_batch(tokenizer, out)[0]
