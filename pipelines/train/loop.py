@@ -287,6 +287,9 @@ def eval_and_checkpoint(cfg, accelerator, model, optimizer, schedule, data: RunD
         writer.add_scalar("eval/exact_match", metrics["exact_match"], step)
         for kind, m in metrics["by_answer_type"].items():
             writer.add_scalar(f"eval/accuracy_{kind}", m["accuracy"], step)
+        for group, values in metrics.get("by_group", {}).items():  # e.g. eval/needs/both
+            for value, m in values.items():
+                writer.add_scalar(f"eval/{group}/{value}", m["accuracy"], step)
         side = "" if data.selection == "eval" else f" on the {data.selection} side"
         bar.write(f"step {step}: {_scored(metrics)}){side}", file=sys.stderr)  # stdout: --json
         last, best = checkpoint_dirs(cfg.out)
