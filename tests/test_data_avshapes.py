@@ -16,9 +16,8 @@ from PIL import Image
 from pipelines.cli.data import cli
 from pipelines.data import sounds
 from pipelines.data.avshapes import (
-    COLUMNS,
     QUESTION_TYPES,
-    ROWS,
+    cell,
     clip_examples,
     clip_id,
     majority_baseline,
@@ -53,7 +52,7 @@ def test_files_are_real_audio_and_frames_matching_the_examples(written):
     assert "wrote 12 clips" in output and "question-only baseline" in output
     examples = read_examples(out)
     assert read_dataset_info(out)["metric"] == "exact"
-    assert {e.split for e in examples} <= {"train", "val"} and len(examples) == 12 * 6
+    assert {e.split for e in examples} <= {"train", "val"} and len(examples) == 12 * 7
     for index in range(12):
         cid = clip_id(index)
         objects, sound, wave, exs = clip_examples(2, index)
@@ -94,15 +93,14 @@ def test_answers_are_balanced_per_template(clips):
     for _, _, _, exs in clips:
         for e in exs:
             answers.setdefault(e.groups["question_type"], Counter())[e.target] += 1
-    vocab = {"how many beeps": ["1", "2", "3", "4"], "is the beep": ["high", "low"],
+    vocab = {"how many beeps": ["1", "2", "3", "4"], "is the beep": ["high", "low"], "what shape is making": list(SHAPES),
              "what color is the": list(COLORS), "what shape is the": list(SHAPES),
-             "what color is the sounding": list(COLORS), "where is the sounding": sorted({*ROWS, *COLUMNS})}
+             "what color is the sounding": list(COLORS), "where is the shape": [cell(r, c) for r in range(3) for c in range(3)]}
     assert set(answers) == set(QUESTION_TYPES) == set(vocab)
     for qtype, counts in answers.items():
         assert set(counts) == set(vocab[qtype]), qtype
         shares = [c / CLIPS for c in counts.values()]
-        k = len(vocab[qtype]) if qtype != "where is the sounding" else 3  # left/middle/right or top/middle/bottom
-        assert max(shares) < 1 / k + 0.06, (qtype, counts)  # near uniform ("middle" is in both sets)
+        assert max(shares) < 1 / len(vocab[qtype]) + 0.06, (qtype, counts)  # near uniform
 
 
 def test_only_the_sound_and_the_frame_together_answer_the_both_questions(clips):
@@ -115,17 +113,17 @@ def test_only_the_sound_and_the_frame_together_answer_the_both_questions(clips):
     # guess per voice is the majority colour of that voice).
     per_voice = {}
     for _, sound, _, exs in clips:
-        per_voice.setdefault(sound.voice, Counter())[exs[4].target] += 1
+        per_voice.setdefault(sound.voice, Counter())[exs[5].target] += 1
     audio_only = sum(c.most_common(1)[0][1] for c in per_voice.values()) / CLIPS
     assert audio_only < 0.3, audio_only
-    # The frame alone: the best guess is one of the 2..4 candidates' colours.
+    # The frame alone: the best guess is one of the 2..4 candidates' colours (or cells).
     image_only = np.mean([1 / len(objects) for objects, _, _, _ in clips])
     assert 0.3 < image_only < 0.42, image_only
     # Both: the voice's shape in the frame gives every answer.
     for objects, sound, _, exs in clips[:200]:
         source = next(o for o in objects if o["shape"] == sound.voice)
-        assert exs[4].target == source["color"] and exs[5].target in (ROWS[source["row"]], COLUMNS[source["col"]])
-        assert exs[0].target == str(sound.count) and exs[1].target == sound.pitch
+        assert exs[5].target == source["color"] and exs[6].target == cell(source["row"], source["col"])
+        assert exs[0].target == str(sound.count) and exs[1].target == sound.pitch and exs[2].target == sound.voice
 
 
 def test_sounds_carry_their_attributes():
@@ -152,7 +150,7 @@ def test_shards_carry_question_image_and_audio(written, tmp_path):
     manifest = json.loads((tmp_path / "qa" / "manifest.json").read_text())
     assert manifest["fields"] == {"texts": ["question"], "vectors": ["image", "audio"]}
     assert manifest["metric"] == "exact"
-    assert manifest["train"]["count"] + manifest["eval"]["count"] == 12 * 6
+    assert manifest["train"]["count"] + manifest["eval"]["count"] == 12 * 7
 
 
 def test_make_clip_is_a_function_of_seed_and_index():

@@ -103,7 +103,7 @@ def avshapes(out, clips, seed, size, val_fraction):
 
     Each clip is a frame of 2 to 4 coloured shapes (OUT/frames/ID.png) and a 1 s sound
     (OUT/clips/ID.wav, 16 kHz): 1 to 4 beeps, low or high, in the voice of one shape of the frame
-    (circle: whistle, square: buzz, triangle: sawtooth, diamond: chirp, cross: click). Six
+    (circle: whistle, square: buzz, triangle: sawtooth, diamond: chirp, cross: click). Seven
     questions per clip need the sound ("How many beeps are there?"), the frame ("What color is the
     circle?") or both ("What color is the shape that is making the sound?"); groups "needs" and
     "question_type" break the scores down. Prints the question-only baseline per kind of question.

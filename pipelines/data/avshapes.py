@@ -6,7 +6,7 @@ Each clip is a still frame (``frames/{id}.png``, the shapes scene of :mod:`pipel
 sizes so the demo ViT embeds it) and a sound (``clips/{id}.wav``, 16 kHz mono, 1 s, from
 :mod:`pipelines.data.sounds`): 1 to 4 beeps, low or high, in the voice of one shape kind (a circle
 whistles, a square buzzes, a triangle saws, a diamond chirps, a cross clicks). The shape whose voice
-sounds is in the frame, exactly once. Six questions per clip, grouped by what they need
+sounds is in the frame, exactly once. Seven questions per clip, grouped by what they need
 (``groups["needs"]``) and by template (``groups["question_type"]``):
 
 ======= ============================================================ ======================
@@ -14,18 +14,20 @@ needs   question                                                     answers
 ======= ============================================================ ======================
 sound   How many beeps are there?                                    1..4
 sound   Is the beep high or low?                                     high / low
+sound   What shape is making the sound?  (the voice names it)        5 shapes
 image   What color is the circle?  (a shape in the frame)            6 colours
 image   What shape is the red object?  (a colour in the frame)       5 shapes
 both    What color is the shape that is making the sound?            6 colours
-both    Is the shape that is making the sound on the left, in the    left/middle/right, or
-        middle or on the right?  (or: at the top ... at the bottom)  top/middle/bottom
+both    Where is the shape that is making the sound?                 the cell: top left, top
+                                                                     middle, ..., center, ...
 ======= ============================================================ ======================
 
 Answers are balanced: every attribute is drawn uniformly, the sounding shape uniformly over the
 five kinds and colours independently of shapes, so the question text alone is near chance per
-template. The sound alone says which shape but not its colour or place (1/6 for the colour); the
-frame alone shows 2 to 4 candidates (about 36% for the colour when guessing among them): only both
-answer the ``both`` questions.
+template. The sound alone says which shape but not its colour or place (1/6 for the colour, 1/9 for
+the cell); the frame alone shows 2 to 4 candidates in distinct cells (about 36% for the colour or the
+cell when guessing among them): only both answer the ``both`` questions, by composing what the other
+two kinds teach (which shape sounds, and what colour and cell a named shape has).
 
 Everything is a function of ``(seed, clip index)`` (string seeds ``avshapes:{seed}:{index}``): the same
 seed writes the same examples, and N clips are a prefix of 2N. Each clip falls in the ``val`` split
@@ -48,12 +50,17 @@ from .sounds import COUNTS, PITCHES, SAMPLE_RATE, Sound, synthesize
 
 NEEDS = ("sound", "image", "both")
 QUESTION_TYPES = {  # question_type -> what it needs
-    "how many beeps": "sound", "is the beep": "sound", "what color is the": "image", "what shape is the": "image",
-    "what color is the sounding": "both", "where is the sounding": "both"}
+    "how many beeps": "sound", "is the beep": "sound", "what shape is making": "sound", "what color is the": "image", "what shape is the": "image",
+    "what color is the sounding": "both", "where is the shape": "both"}
 SOUNDING = "the shape that is making the sound"
 MIN_OBJECTS, MAX_OBJECTS = 2, 4
 ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "middle", "right")
 assert GRID == 3
+
+
+def cell(row: int, col: int) -> str:
+    """The grid cell's name: ``top left``, ``top middle``, ..., ``center``, ..., ``bottom right``."""
+    return "center" if (row, col) == (1, 1) else f"{ROWS[row]} {COLUMNS[col]}"
 
 
 def clip_id(index: int) -> str:
@@ -81,16 +88,13 @@ def questions(objects, sound: Sound, rng: random.Random) -> list:
     """``[(question, answer, question_type)]``, one per template, in the table's order."""
     source = next(o for o in objects if o["sounding"])
     seen, named = rng.choice(objects), rng.choice(objects)
-    if rng.random() < 0.5:
-        where = (f"Is {SOUNDING} on the left, in the middle or on the right?", COLUMNS[source["col"]])
-    else:
-        where = (f"Is {SOUNDING} at the top, in the middle or at the bottom?", ROWS[source["row"]])
     return [("How many beeps are there?", str(sound.count), "how many beeps"),
             ("Is the beep high or low?", sound.pitch, "is the beep"),
+            ("What shape is making the sound?", sound.voice, "what shape is making"),
             (f"What color is the {seen['shape']}?", seen["color"], "what color is the"),
             (f"What shape is the {named['color']} object?", named["shape"], "what shape is the"),
             (f"What color is {SOUNDING}?", source["color"], "what color is the sounding"),
-            (*where, "where is the sounding")]
+            (f"Where is {SOUNDING}?", cell(source["row"], source["col"]), "where is the shape")]
 
 
 def clip_examples(seed: int, index: int, val_fraction: float = 0.2) -> tuple:
