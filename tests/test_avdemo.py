@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from pipelines.data.online import embed_file
+from store import CacheReader
 
 BIN = Path(sys.executable).parent
 
@@ -40,12 +44,34 @@ def test_avdemo_runs_every_stage_and_prints_the_table(avdemo):
         needs = results["last"]["by_group"]["needs"]
         assert set(needs) == {"sound", "image", "both"}
         assert sum(n["count"] for n in needs.values()) == results["last"]["count"]
+        assert results["config"]["lr"] == 1e-3 and results["config"]["pool"] == ("audio:mean:1" if "audio" in name else "")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "runs" / "image+audio" / "tb"))
+    events.Reload()  # the score per kind of question, as curves
+    assert {"eval/needs/both", "eval/needs/image", "eval/needs/sound"} <= set(events.Tags()["scalars"])
     assert "together score" in stdout and "fuse-sweep --shards" in stdout
 
     again = run("fuse-avdemo", "--out", out, "--clips", 30, "--steps", 2)  # a rerun redoes nothing
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2/4 embed audio: 0 embedded, 30 already cached, 0 failed" in again.stdout
     assert again.stdout.split("\n\n", 1)[1].splitlines()[:5] == stdout.split("\n\n", 1)[1].splitlines()[:5]
+
+
+def test_fuse_eval_answers_a_question_about_one_frame_and_one_sound(avdemo):
+    out, _ = avdemo
+    run_dir, clip = out / "runs" / "image+audio", sorted((out / "avshapes" / "clips").iterdir())[0]
+    frame = out / "avshapes" / "frames" / f"{clip.stem}.png"
+    ask = ["fuse-eval", run_dir, "--file", f"image={frame}", "--question", "How many beeps are there?"]
+    res = run(*ask, "--file", f"audio={clip}")  # the sound embedded as `embed --modality audio` made the cache
+    assert res.returncode == 0, res.stderr[-2000:]  # (after 2 steps the answer itself may be empty)
+    for field, path in (("audio", clip), ("image", frame)):
+        with CacheReader(out / "cache" / field) as cache:
+            tokens = embed_file(cache.meta.producer, path)  # what fuse-eval fed the model
+            np.testing.assert_allclose(tokens[0].numpy(), cache[clip.stem].astype(np.float32), rtol=2e-3, atol=2e-3)
+    res = run(*ask, "--file", f"audio={frame}")
+    assert res.returncode == 1
+    assert f"Error: {frame}: cannot embed it: no audio stream (the file has video streams)" in res.stderr
 
 
 def test_image_audio_and_two_text_fields_each_at_its_own_layer(avdemo, tmp_path):
