@@ -397,6 +397,23 @@ def test_the_summary_has_a_modality_axis_and_the_ablation_rows(multi):
     assert {f: (out / f).read_bytes() for f in SUMMARY} == before
 
 
+def test_a_pooling_has_one_label_whichever_modality_joins_first(multi, tmp_path):
+    """The same per-modality pooling in runs that join image and depth in either order: one grid
+    point's pooling, one label (else the report splits it and draws a figure per order)."""
+    from pipelines.sweep.report import read_run
+
+    out, _ = multi
+    labels = set()
+    for name in ("image0-depth4-d1-pool_none-r0", "image4-depth0-d1-pool_none-r0"):
+        results = json.loads((out / "runs" / name / "results.json").read_text())
+        results["config"]["pool"] = "image:none depth:mean:1"
+        run = tmp_path / name
+        shutil.copytree(out / "runs" / name, run)
+        (run / "results.json").write_text(json.dumps(results))
+        labels.add(read_run(run).pool)
+    assert labels == {"image:none depth:mean:1"}
+
+
 def test_fuse_base_with_a_vector_modality_and_the_plan_of_its_ablations(two_fields, tmp_path):
     """A modality fixed in --fuse is ablated too; runs that differ only in the removed modality share
     their ablation; --dry-run prints each run's --fuse."""

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from .grid import pool_sort_key, swept_modalities
+from .grid import pool_sort_key, pool_tag, swept_modalities
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _save(fig: Figure, path: Path, written: list) -> None:
 
 
 def _tag(pool: str) -> str:
-    return pool.replace(":", "")
+    return pool_tag(pool)  # as the run names hold it: no ":" and no spaces in a file name
 
 
 def _cmap(n: int):

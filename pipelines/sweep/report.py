@@ -139,7 +139,8 @@ def read_run(run_dir: Path) -> RunRecord:
         spec = FusionSpec.coerce(config["fuse"])
         vectors = vector_modalities(config, spec)
         pooling = coerce_pools(config.get("pool") or None)
-        pools = {m: str(pooling.get(m, "none")) for m in vectors}
+        # in the order of --cache (the plan's), not of joining: one pooling, one label, whatever joins first
+        pools = {m: str(pooling.get(m, "none")) for m in sorted(vectors, key=list(config.get("caches") or {}).index)}
     except (FusionConfigError, KeyError, TypeError, AttributeError) as e:
         raise BrokenRun(f"{RESULTS}: config is not a fusion config ({e})") from None
     modality = vectors[0] if vectors else None
