@@ -14,6 +14,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from fuse import FusionSpec
+
 from .train.config import TrainConfig
 
 DEMO_AST = "ast_sounds_demo"
@@ -22,7 +24,7 @@ DEMO_AST = "ast_sounds_demo"
 RUNS = (("image+audio", "0:question 0:image 0:audio"), ("image", "0:question 0:image"),
         ("audio", "0:question 0:audio"))
 NEEDS = ("sound", "image", "both")
-LR = 1e-3
+LR, POOL = 1e-3, "audio:mean:1"  # the sound mean-pooled to one token
 
 
 def run_avdemo(out: Path, clips: int, steps: int, seed: int, echo, parallel: int = 1) -> dict:
@@ -113,7 +115,7 @@ def sweep_command(out: Path, steps: int) -> str:
     """The ``fuse-sweep`` that asks where the image and the sound should join, with the demo's settings."""
     return (f"fuse-sweep --shards {out / 'qa'} --cache image={out / 'cache' / 'image'} "
             f"--cache audio={out / 'cache' / 'audio'} --fuse 0:question --fuse-grid \"image=0,2,4 audio=0,2,4\" "
-            f"--preset demo --pool audio:mean:1 --positions image --lr {LR:g} --steps {steps} "
+            f"--preset demo --pool {POOL} --positions image --lr {LR:g} --steps {steps} "
             f"--executor local --parallel 2 --out {out / 'sweep'}")
 
 
@@ -137,10 +139,11 @@ def run_config(fuse: str, caches: dict, qa: Path, run: Path, steps: int, seed: i
     one thing: which voice, how many beeps, how high; unpooled, the model with both learned the image
     questions far later), the frame's tokens with their positions (the "where" questions), lr 1e-3.
     The README's worked example has the trials behind these choices."""
-    used = {m: str(c) for m, c in caches.items() if f":{m}" in fuse}
+    fused = FusionSpec.coerce(fuse).modalities()
+    used = {m: str(c) for m, c in caches.items() if m in fused}
     return TrainConfig.resolve("demo", shards=str(qa), caches=used, out=str(run), fuse=fuse,
                                positions="image" if "image" in used else "",
-                               pool="audio:mean:1" if "audio" in used else "", lr=LR, steps=steps,
+                               pool=POOL if "audio" in used else "", lr=LR, steps=steps,
                                eval_every=steps, eval_limit=0, seed=seed,
                                resume=(run / "checkpoints" / "last" / "trainer_state.json").is_file(), **flags)
 

@@ -48,10 +48,6 @@ def _save(fig: Figure, path: Path, written: list) -> None:
     written.append(path)
 
 
-def _tag(pool: str) -> str:
-    return pool_tag(pool)  # as the run names hold it: no ":" and no spaces in a file name
-
-
 def _cmap(n: int):
     from matplotlib import colormaps
 
@@ -108,7 +104,7 @@ def heatmaps(rows: list, out: Path, encoder_layers, written: list, fusion: str =
     for pool, prs in pools.items():
         layers = sorted({r["fuse_layer"] for r in prs})
         decs = sorted({r["decoder_layers"] for r in prs}, key=lambda d: -1 if d is None else d)
-        suffix = f"_pool_{_tag(pool)}" if len(pools) > 1 else ""
+        suffix = f"_pool_{pool_tag(pool)}" if len(pools) > 1 else ""
         if len(layers) < 2 or len(decs) < 2:
             log.info("figure accuracy_heatmap%s skipped: the grid has %d fusion layer(s) and %d decoder depth(s) "
                      "(a heatmap needs two of each)", suffix, len(layers), len(decs))
@@ -156,7 +152,7 @@ def fusion_layer(rows: list, out: Path, encoder_layers, written: list, fusion: s
     pools = _by_pool(rows)
     for pool, prs in pools.items():
         layers = sorted({r["fuse_layer"] for r in prs})
-        suffix = f"_pool_{_tag(pool)}" if len(pools) > 1 else ""
+        suffix = f"_pool_{pool_tag(pool)}" if len(pools) > 1 else ""
         if len(layers) < 2:
             log.info("figure fusion_layer%s skipped: a single fusion layer (%s)", suffix, layers[0])
             continue

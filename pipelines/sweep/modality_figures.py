@@ -26,8 +26,8 @@ from .figures import (
     _fusion_labels,
     _pool_title,
     _save,
-    _tag,
 )
+from .grid import pool_tag
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def pair_heatmaps(rows: list, swept: list, out: Path, encoder_layers, written: l
     for a, b in combinations(swept, 2):
         others = [m for m in swept if m not in (a, b)]
         for pool, prs in pools.items():
-            suffix = f"_pool_{_tag(pool)}" if len(pools) > 1 else ""
+            suffix = f"_pool_{pool_tag(pool)}" if len(pools) > 1 else ""
             xs, ys = sorted({r["layers"][a] for r in prs}), sorted({r["layers"][b] for r in prs})
             decs = _decs(prs)
             cells = {}
