@@ -46,6 +46,8 @@ def run_avdemo(out: Path, clips: int, steps: int, seed: int, echo, parallel: int
     from embed.registry import DEMO_VIT
 
     from .data.avshapes import write_avshapes
+    from .data.example import read_dataset_info
+    from .errors import PipelineError
     from .data.shards import MANIFEST, write_qa_shards
     from .train.loop import finished_results, train
 
@@ -55,7 +57,12 @@ def run_avdemo(out: Path, clips: int, steps: int, seed: int, echo, parallel: int
     timings = {}
 
     t = time.perf_counter()
-    if not (data / "dataset.json").is_file():
+    if (data / "dataset.json").is_file():
+        info = read_dataset_info(data)
+        if (info.get("clips"), info.get("seed")) != (clips, seed):  # its caches and runs are of that data
+            raise PipelineError(f"{out} holds the demo of --clips {info.get('clips')} --seed {info.get('seed')}, "
+                                f"not --clips {clips} --seed {seed}: give another --out, or the same flags to resume")
+    else:
         write_avshapes(data, clips=clips, seed=seed)
     timings["data"] = time.perf_counter() - t
     echo(f"1/4 avshapes data: {data} ({timings['data']:.0f} s)")

@@ -57,6 +57,12 @@ def test_avdemo_runs_every_stage_and_prints_the_table(avdemo):
     assert "2/4 embed audio: 0 embedded, 30 already cached, 0 failed" in again.stdout
     assert again.stdout.split("\n\n", 1)[1].splitlines()[:5] == stdout.split("\n\n", 1)[1].splitlines()[:5]
 
+    before = (out / "runs" / "image+audio" / "results.json").read_bytes()
+    other = run("fuse-avdemo", "--out", out, "--clips", 40, "--steps", 2)  # other data in that folder: refused
+    assert other.returncode == 1
+    assert f"Error: {out} holds the demo of --clips 30 --seed 0, not --clips 40 --seed 0" in other.stderr
+    assert (out / "runs" / "image+audio" / "results.json").read_bytes() == before
+
 
 def test_fuse_eval_answers_a_question_about_one_frame_and_one_sound(avdemo):
     out, _ = avdemo
