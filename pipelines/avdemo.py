@@ -47,8 +47,8 @@ def run_avdemo(out: Path, clips: int, steps: int, seed: int, echo, parallel: int
 
     from .data.avshapes import write_avshapes
     from .data.example import read_dataset_info
-    from .errors import PipelineError
     from .data.shards import MANIFEST, write_qa_shards
+    from .errors import PipelineError
     from .train.loop import finished_results, train
 
     out.mkdir(parents=True, exist_ok=True)
