@@ -115,6 +115,18 @@ def format_summary(summary: dict, title: str) -> str:
             lines.append(f"{kind:<{width}}{m['count']:>8}{100 * m['cider']:>10.1f}{100 * m['bleu4']:>9.1f}"
                          f"{100 * m['exact_match']:>8.2f}%" if m else kind)
         return "\n".join(lines)
+    if metric == "label":  # top-1 from the labels' likelihoods, exact match of the generated text
+        lines.append(f"{'group':<{width}}{'count':>8}{'top-1':>10}{'exact':>9}")
+        for kind, m in rows:
+            lines.append(f"{kind:<{width}}{m['count']:>8}{100 * m['accuracy']:>9.2f}%{100 * m['exact_match']:>8.2f}%"
+                         if m else kind)
+        return "\n".join(lines)
+    if metric == "multilabel":  # mAP from the likelihoods; F1 and exact set of the generated label sets
+        lines.append(f"{'group':<{width}}{'count':>8}{'mAP':>9}{'micro F1':>10}{'macro F1':>10}{'exact set':>11}")
+        for kind, m in rows:
+            lines.append(f"{kind:<{width}}{m['count']:>8}{100 * m['map']:>8.2f}%{100 * m['micro_f1']:>9.2f}%"
+                         f"{100 * m['macro_f1']:>9.2f}%{100 * m['exact_match']:>10.2f}%" if m else kind)
+        return "\n".join(lines)
     acc = "VQA acc" if metric == "vqa" else "accuracy"
     lines.append(f"{'answer type':<{width}}{'count':>8}{acc:>10}{'exact':>9}")
     for kind, m in rows:

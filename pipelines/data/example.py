@@ -27,7 +27,11 @@ refuses a ``--fuse`` that names a field the data lacks before any step.
 
 Metrics (:data:`METRICS`): ``vqa``, the official VQA accuracy over 10 human answers; ``exact``, exact
 match of the normalised prediction with any reference (single labels); ``caption``, BLEU-4 and
-CIDEr-D against the reference captions (:mod:`pipelines.metrics.captions`).
+CIDEr-D against the reference captions (:mod:`pipelines.metrics.captions`); ``label`` and
+``multilabel``, a closed label set (one label, or a set of labels joined by ``; ``): exact match,
+top-1, exact-set match, micro/macro F1 and mAP, from the generated text and from the model's
+likelihood of each label (:mod:`pipelines.metrics.labels`); their ``dataset.json`` lists the labels
+(``"labels": [...]``), and the shards' manifest carries the list.
 
 Two readers make examples: the VQA v2 layout (:mod:`pipelines.data.vqa`: ``question`` text, ``image``
 vector), and the examples layout below, for any other task::
@@ -44,7 +48,8 @@ from pathlib import Path
 from ..errors import VQAFormatError
 from ..files import read_format_json, write_atomic
 
-METRICS = ("vqa", "exact", "caption")
+METRICS = ("vqa", "exact", "caption", "label", "multilabel")
+CLOSED_SET_METRICS = ("label", "multilabel")  # their dataset.json lists the closed label set ("labels")
 DATASET = "dataset.json"
 DATASET_FORMAT = "where-to-fuse/examples"
 _EXAMPLES_RE = re.compile(r"^examples-([\w-]+)\.jsonl$")
@@ -196,6 +201,11 @@ def read_dataset_info(root) -> dict:
     info.setdefault("metric", "exact")
     if info["metric"] not in METRICS:
         raise ExampleFormatError(f"{path}: metric {info['metric']!r}: choose one of {', '.join(METRICS)}")
+    if info["metric"] in CLOSED_SET_METRICS:
+        labels = info.get("labels")
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
+            raise ExampleFormatError(f"{path}: metric {info['metric']} needs \"labels\": the closed label set, a "
+                                     "list of non-empty strings")
     return info
 
 

@@ -174,7 +174,8 @@ def read_source(source, splits=None, check_images: bool = True, max_question_cha
     :func:`write_qa_shards`)."""
     if is_examples_dir(source):
         info = read_dataset_info(source)
-        return read_examples(source, splits), {"layout": "examples", "metric": info["metric"]}
+        closed = {"labels": info["labels"]} if "labels" in info else {}  # a closed label set (label, multilabel)
+        return read_examples(source, splits), {"layout": "examples", "metric": info["metric"], **closed}
     records = read_vqa(source, splits=splits, check_images=check_images, max_question_chars=max_question_chars,
                        images_root=images_root)
     return [r.to_example() for r in records], {"layout": "vqa-v2", "metric": "vqa"}
@@ -248,6 +249,8 @@ def write_qa_shards(vqa_dir, out, split_by: str = "image", seed: int = 0, eval_f
         "layout": info["layout"], "fields": fields, "metric": info["metric"],
         "images": len({group_key(r) for r in records}),
     }
+    if "labels" in info:  # the closed label set that fuse-train and fuse-eval rank (pipelines.metrics.labels)
+        manifest["labels"] = info["labels"]
     if readers:
         manifest["inline"] = manifest_entry(readers)
     for side in SIDES:

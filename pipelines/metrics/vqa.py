@@ -225,7 +225,8 @@ ACCURACY = {"vqa": vqa_accuracy, "exact": label_match}  # the metrics of pipelin
 
 def metric_name(metric: str) -> str:
     """How messages name a metric's ``accuracy``: ``VQA accuracy``, ``accuracy (exact)``, ``CIDEr-D``."""
-    return {"vqa": "VQA accuracy", "caption": "CIDEr-D"}.get(metric, f"accuracy ({metric})")
+    return {"vqa": "VQA accuracy", "caption": "CIDEr-D", "label": "top-1", "multilabel": "mAP"}.get(
+        metric, f"accuracy ({metric})")
 
 
 def score_text(metric: str, value: float) -> str:
@@ -233,13 +234,19 @@ def score_text(metric: str, value: float) -> str:
     return f"{100 * value:.1f}" if metric == "caption" else f"{100 * value:.2f}%"
 
 
-def make_score(metric: str = "vqa"):
-    """The accumulator of a metric: :class:`VQAScore` (``vqa``, ``exact``) or
-    :class:`~pipelines.metrics.captions.CaptionScore` (``caption``)."""
+def make_score(metric: str = "vqa", labels=None):
+    """The accumulator of a metric: :class:`VQAScore` (``vqa``, ``exact``),
+    :class:`~pipelines.metrics.captions.CaptionScore` (``caption``), or for a closed label set
+    (``labels``) :class:`~pipelines.metrics.labels.LabelScore` (``label``) or
+    :class:`~pipelines.metrics.labels.MultiLabelScore` (``multilabel``)."""
     if metric == "caption":
         from .captions import CaptionScore
 
         return CaptionScore()
+    if metric in ("label", "multilabel"):
+        from .labels import LabelScore, MultiLabelScore
+
+        return (LabelScore if metric == "label" else MultiLabelScore)(labels)
     return VQAScore(metric)
 
 

@@ -37,7 +37,8 @@ def metric_labels(metric: str) -> tuple:
     """``(axis label, name)`` of a run's ``accuracy`` (``results.json``'s ``metric``): VQA accuracy, an
     exact match, or CIDEr-D (the figures show each times 100)."""
     return {"vqa": (ACC, "VQA accuracy"), "exact": ("accuracy, exact match (%)", "Accuracy"),
-            "caption": ("CIDEr-D (×100)", "CIDEr-D")}.get(metric, (f"{metric} (×100)", metric))
+            "caption": ("CIDEr-D (×100)", "CIDEr-D"), "label": ("top-1 (%)", "Top-1"),
+            "multilabel": ("mAP (%)", "mAP")}.get(metric, (f"{metric} (×100)", metric))
 SPEED = "training speed (steps/s)"
 FUSION = "fusion layer of the {} tokens"
 DECODER = "decoder layers (blocks)"

@@ -47,7 +47,8 @@ def ablation_table(ablation: list) -> str:
 
 
 WHAT = {"vqa": "the VQA accuracy", "exact": "exact match with the label",
-        "caption": "CIDEr-D (times 100)"}  # the runs' metric (results.json)
+        "caption": "CIDEr-D (times 100)", "label": "top-1 over the closed label set (the likeliest label)",
+        "multilabel": "mAP over the labels (from their likelihoods)"}  # the runs' metric (results.json)
 
 
 def summary_markdown(summary: dict) -> str:

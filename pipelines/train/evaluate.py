@@ -23,9 +23,11 @@ from ..data.example import DEFAULT_TEXT_LEN
 from ..data.tokens import decode_batch
 from ..errors import PipelineError
 from ..files import write_atomic
+from ..metrics.labels import RANKED_METRICS
 from ..metrics.vqa import make_score
 from .config import TrainConfig
 from .model import model_inputs
+from .ranking import candidate_log_likelihoods, candidate_tokens
 
 SIDES = ("eval", "select", "train")
 
@@ -51,9 +53,22 @@ def _progress_bar(total: int, progress, desc: str):
                 mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
+def scored_labels(loader, accelerator) -> list:
+    """The closed label set when none is given: every reference of the scored examples (all ranks'),
+    sorted. On the published sets' eval splits that is the whole set (VGGSound's test split and
+    AudioSet's eval segments hold every class); ``fuse-eval`` ranks the manifest's list instead."""
+    names = sorted({r for rec in getattr(loader.loader.dataset, "records", ()) for r in rec.get("references", ())})
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        names = sorted({n for part in gather_object([names]) for n in part})
+    return names
+
+
 @torch.inference_mode()
 def evaluate(model, loader, tokenizer, modalities, accelerator, max_new_tokens: int, progress=None,
-             threads=None, predictions: list | None = None, desc: str = "eval", metric: str = "vqa") -> dict:
+             threads=None, predictions: list | None = None, desc: str = "eval", metric: str = "vqa",
+             labels: list | None = None) -> dict:
     """The data's metric (VQA accuracy, or ``exact``: a match with a label) and exact match, overall
     and by the examples' groups (VQA: by answer type and by question type; any other group name too), over this rank's share of
     ``loader``, summed over ranks. Examples without references (a test split) are answered and not
@@ -71,29 +86,45 @@ def evaluate(model, loader, tokenizer, modalities, accelerator, max_new_tokens: 
         predictions: if a list, ``(example id, answer)`` of this rank's examples are appended to it,
             in order.
         desc: the progress bar's label.
-        metric: ``vqa``, ``exact`` or ``caption`` (the shards' manifest says which).
+        metric: ``vqa``, ``exact``, ``caption``, ``label`` or ``multilabel`` (the shards' manifest says
+            which).
+        labels: the closed label set of ``label`` and ``multilabel`` (the manifest's ``labels``), whose
+            likelihoods are ranked (:mod:`pipelines.train.ranking`); default: :func:`scored_labels`.
     """
     unwrapped = accelerator.unwrap_model(model)
     was_training = unwrapped.training
     unwrapped.eval()
-    score = make_score(metric)
+    ranked = metric in RANKED_METRICS
+    if ranked:
+        labels = list(labels) if labels else scored_labels(loader, accelerator)
+        candidates, _ = candidate_tokens(tokenizer, labels, max_new_tokens + 1, accelerator.device)  # (C, T)
+    score = make_score(metric, labels=labels if ranked else None)
     with torch_threads(threads), _progress_bar(len(loader.loader.dataset), progress, desc) as bar:
         for batch in loader:
+            likelihoods = None
             with accelerator.autocast():
-                ids = unwrapped.generate(modalities=model_inputs(batch, modalities, accelerator.device),
-                                         max_new_tokens=max_new_tokens, num_beams=1, do_sample=False)
+                inputs = model_inputs(batch, modalities, accelerator.device)
+                if ranked:  # the encoder once, for the answer and for every label's likelihood
+                    encoded = unwrapped.encode(inputs)
+                    ids = unwrapped.generate(encoder_outputs=encoded, max_new_tokens=max_new_tokens, num_beams=1,
+                                             do_sample=False)
+                    likelihoods = candidate_log_likelihoods(unwrapped, encoded, candidates).cpu().numpy()  # (B, C)
+                else:
+                    ids = unwrapped.generate(modalities=inputs, max_new_tokens=max_new_tokens, num_beams=1,
+                                             do_sample=False)
             answers = decode_batch(tokenizer, ids)
             for i, refs in enumerate(batch["references"]):
                 if refs:
                     groups = batch["groups"][i]
+                    extra = {"scores": likelihoods[i]} if ranked else {}
                     score.add(answers[i], refs, groups.get("answer_type") or "all", groups.get("question_type", ""),
-                              groups=groups)
+                              groups=groups, **extra)
             if predictions is not None:
                 predictions.extend(zip(batch["id"], answers))
             bar.update(len(answers))
     unwrapped.train(was_training)
     if accelerator.num_processes > 1:
-        total = make_score(metric)
+        total = make_score(metric, labels=labels if ranked else None)
         for state in accelerator.gather_for_metrics([score.state()], use_gather_object=True):
             total.merge(state)
         score = total
@@ -210,7 +241,8 @@ def score(model, run: dict, tokenizer, config: ScoreConfig | None = None) -> dic
     predictions = [] if config.results_file else None
     summary = evaluate(model, loader, tokenizer, model.config.fusion().modalities(), accelerator,
                        cfg.max_new_tokens, progress=config.progress, threads=threads, predictions=predictions,
-                       desc=config.what(), metric="vqa" if config.split else run_metric(run, cfg))
+                       desc=config.what(), metric="vqa" if config.split else run_metric(run, cfg),
+                       labels=None if config.split else run_labels(cfg))
     summary["answered"] = len(loader.loader.dataset)
     summary["scored"] = config.what()
     if config.results_file:
@@ -226,6 +258,16 @@ def run_metric(run: dict, cfg: TrainConfig) -> str:
     from ..data.shards import read_manifest
 
     return read_manifest(cfg.shards).get("metric", "vqa")
+
+
+def run_labels(cfg: TrainConfig) -> list | None:
+    """The closed label set of the shards scored (their manifest's ``labels``), if they have one."""
+    from ..data.shards import read_manifest
+
+    try:
+        return read_manifest(cfg.shards).get("labels")
+    except PipelineError:
+        return None
 
 
 def write_results_file(path, predictions) -> None:
