@@ -199,6 +199,103 @@ def shards(vqa_dir, out, train_splits, eval_splits, select_fraction, splits, eva
                + (f"; inline: {', '.join(manifest['inline'])}" if manifest.get("inline") else "") + ")")
 
 
+def _avset_options(fn):
+    """The options every audio-visual set reader takes."""
+    for decorator in reversed([
+        click.argument("annotations", nargs=-1, required=True, type=click.Path(dir_okay=False)),
+        click.option("--clips", required=True, type=click.Path(file_okay=False),
+                     help="The folder of clips (fetched with your own tools)."),
+        click.option("--out", required=True, type=click.Path(file_okay=False),
+                     help="The examples folder to write (examples-SPLIT.jsonl, dataset.json, clips.tsv, skipped.jsonl)."),
+        click.option("--pattern", default=None, metavar="PATTERN",
+                     help="An annotation's clip file under --clips: fields {id}, {start}, {end} (whole seconds), "
+                          "{start_ms}, with format specs."),
+        click.option("--cache", "caches", multiple=True, metavar="FIELD=CACHE",
+                     help="A vector field's cache, once embedded: clips that failed there (CACHE.failures.jsonl) "
+                          "or are not in it are left out and listed. Repeat per field."),
+        click.option("--modalities", default="audio,video", show_default=True, metavar="audio,video",
+                     help="The vector fields of each example, each keyed by the clip's id."),
+        click.option("--strict", is_flag=True, help="Exit 1 if any annotation was left out (after listing them)."),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+def _write_avset(fmt, annotations, clips, out, pattern, caches, modalities, strict, ontology=None):
+    from ..data.avsets import write_avset
+
+    summary = write_avset(fmt, list(annotations), clips, out, pattern=pattern, ontology=ontology,
+                          caches=parse_pairs(caches, "--cache", "audio=cache/audio", form="FIELD=CACHE"),
+                          modalities=_split_list(modalities) or [], strict=strict)
+    counts = ", ".join(f"{k}: {v}" for k, v in summary["examples"].items())
+    line = f"{fmt}: {sum(summary['examples'].values())} examples ({counts}) of {summary['annotations']} annotations"
+    if summary["labels"]:
+        line += f", {summary['labels']} labels"
+    if summary["skipped_total"]:
+        kinds = ", ".join(f"{k} {v}" for k, v in summary["skipped"].items())
+        line += f"; {summary['skipped_total']} left out ({kinds}), listed in {out}/skipped.jsonl"
+    click.echo(line + f" -> {out} (embed {out}/clips.tsv)")
+
+
+@cli.command()
+@_avset_options
+@_fail_cleanly
+def vggsound(annotations, clips, out, pattern, caches, modalities, strict):
+    """VGGSound: vggsound.csv (YouTube ID, start seconds, label, split; no header) and a folder of clips
+    -> the examples layout in OUT, one example per clip: "What is making the sound?" -> the label, the
+    clip's audio and frames as vector fields (ids: the clip files' stems, as embed keys them). Metric
+    "label": exact match, and top-1 over the closed label set from the model's likelihoods.
+
+    Clips are CLIPS/{id}_{start:06d}.mp4 unless --pattern says otherwise. Clips not in the folder (and,
+    with --cache, clips that failed to embed) are left out, counted and listed in OUT/skipped.jsonl.
+
+    Example:
+
+    \b
+        vqa-data vggsound vggsound.csv --clips clips/ --out data/vggsound
+        embed data/vggsound/clips.tsv --modality audio --out cache/vgg-audio
+        vqa-data vggsound vggsound.csv --clips clips/ --out data/vggsound --cache audio=cache/vgg-audio
+    """
+    _write_avset("vggsound", annotations, clips, out, pattern, caches, modalities, strict)
+
+
+@cli.command()
+@_avset_options
+@click.option("--ontology", required=True, type=click.Path(dir_okay=False),
+              help="AudioSet's ontology.json (label ids -> names).")
+@_fail_cleanly
+def audioset(annotations, clips, out, pattern, caches, modalities, strict, ontology):
+    """AudioSet: segment CSVs (eval_segments.csv, balanced_train_segments.csv, ...; '#' header lines, then
+    YTID, start_seconds, end_seconds, "label ids") with ontology.json -> the examples layout in OUT:
+    "Which sounds are in the clip?" -> the label names in the ontology's order joined by "; ". The
+    split is the file name less "_segments". Metric "multilabel": exact-set match, micro/macro F1,
+    and mAP from the labels' likelihoods.
+
+    Example:
+
+    \b
+        vqa-data audioset balanced_train_segments.csv eval_segments.csv --ontology ontology.json --clips clips/ --out data/audioset
+    """
+    _write_avset("audioset", annotations, clips, out, pattern, caches, modalities, strict, ontology=ontology)
+
+
+@cli.command()
+@_avset_options
+@_fail_cleanly
+def valor(annotations, clips, out, pattern, caches, modalities, strict):
+    """VALOR: desc_SPLIT.json files (a JSON list of {"video_id", "desc"}; several captions per clip
+    allowed) -> the examples layout in OUT: the clip's captions are the references, the first the
+    target. Clips are CLIPS/{id}.mp4 (id: the video_id) unless --pattern says otherwise. Metric
+    "caption": BLEU-4 and CIDEr-D.
+
+    Example:
+
+    \b
+        vqa-data valor desc_train.json desc_test.json --clips clips/ --out data/valor
+    """
+    _write_avset("valor", annotations, clips, out, pattern, caches, modalities, strict)
+
+
 @cli.command()
 @click.argument("shard_dir", type=click.Path(file_okay=False))
 @click.option("--cache", "caches", multiple=True, required=True, metavar="FIELD=PATH",
