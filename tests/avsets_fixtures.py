@@ -113,22 +113,30 @@ def write_clip(path: Path, seed: int, seconds: float = 1.0, frames: int = 4) -> 
 
 
 def write_fixtures(root: Path) -> Path:
-    """The three sets' annotation files under ``root`` and their clips in ``root/clips`` (one folder
-    for all three; one VGGSound clip missing, one AudioSet clip not a video)."""
+    """The three sets under ``root`` as a user would hold them: ``vggsound/`` (vggsound.csv, clips/;
+    one clip missing), ``audioset/`` (eval_segments.csv, balanced_train_segments.csv, ontology.json,
+    clips/; one clip not a video) and ``valor/`` (desc_train.json, desc_test.json, clips/)."""
     import json
 
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "vggsound.csv").write_text(VGGSOUND_CSV)
-    (root / "eval_segments.csv").write_text(AUDIOSET_EVAL_CSV)
-    (root / "balanced_train_segments.csv").write_text(AUDIOSET_TRAIN_CSV)
-    (root / "ontology.json").write_text(json.dumps(ONTOLOGY, indent=1))
-    (root / "desc_train.json").write_text(VALOR_TRAIN_JSON)
-    (root / "desc_test.json").write_text(VALOR_TEST_JSON)
-    clips = root / "clips"
-    clips.mkdir(exist_ok=True)
-    for seed, name in enumerate(VGGSOUND_CLIPS + AUDIOSET_CLIPS + VALOR_CLIPS):
-        if name == "--ZhevVpy1s_000050":
-            (clips / f"{name}.mp4").write_bytes(b"not a video at all")  # fails to decode: listed, left out
-        else:
-            write_clip(clips / f"{name}.mp4", seed % 7)
+    files = {"vggsound": {"vggsound.csv": VGGSOUND_CSV},
+             "audioset": {"eval_segments.csv": AUDIOSET_EVAL_CSV, "balanced_train_segments.csv": AUDIOSET_TRAIN_CSV,
+                          "ontology.json": json.dumps(ONTOLOGY, indent=1)},
+             "valor": {"desc_train.json": VALOR_TRAIN_JSON, "desc_test.json": VALOR_TEST_JSON}}
+    names = {"vggsound": VGGSOUND_CLIPS, "audioset": AUDIOSET_CLIPS, "valor": VALOR_CLIPS}
+    for seed, (fmt, texts) in enumerate(files.items()):
+        clips = root / fmt / "clips"
+        clips.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            (root / fmt / name).write_text(text)
+        for k, name in enumerate(names[fmt]):
+            if name == "--ZhevVpy1s_000050":
+                (clips / f"{name}.mp4").write_bytes(b"not a video at all")  # fails to decode: listed, left out
+            else:
+                write_clip(clips / f"{name}.mp4", (seed + k) % 7)
     return root
+
+
+if __name__ == "__main__":  # python tests/avsets_fixtures.py DIR: the fixtures the README's recipes run on
+    import sys
+
+    write_fixtures(Path(sys.argv[1] if len(sys.argv) > 1 else "."))
