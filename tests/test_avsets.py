@@ -88,11 +88,11 @@ MALFORMED = [
      "vggsound.csv:2: start seconds 'thirty' is not a number of seconds"),
     ("vggsound", "vggsound.csv", VGGSOUND_CSV.replace("0_8-g2rof7E,49,\"heart sounds, heartbeat\"",
                                                       "0_8-g2rof7E,49,heart sounds, heartbeat"), [],
-     'vggsound.csv:3: expected 4 columns (YouTube ID, start seconds, label, split), got 5 (a label holding a '
-     'comma is quoted: "a, b")'),
+     ('vggsound.csv:3: expected 4 columns (YouTube ID, start seconds, label, split), got 5 (a label holding a '
+     'comma is quoted: "a, b")')),
     ("audioset", "eval_segments.csv", AUDIOSET_EVAL_CSV.replace('"/m/03l9g"', '/m/03l9g,/m/068hy'),
-     ["--ontology", "ontology.json"], 'eval_segments.csv:5: expected 4 columns (YTID, start_seconds, end_seconds, '
-     'positive_labels), got 5 (the label ids are quoted: "/m/09x0r,/m/05zppz")'),
+     ["--ontology", "ontology.json"], ('eval_segments.csv:5: expected 4 columns (YTID, start_seconds, end_seconds, '
+     'positive_labels), got 5 (the label ids are quoted: "/m/09x0r,/m/05zppz")')),
     ("audioset", "eval_segments.csv", AUDIOSET_EVAL_CSV.replace('"/m/03l9g"', '"/m/nothing"'),
      ["--ontology", "ontology.json"], "eval_segments.csv:5: label id /m/nothing is not in ontology.json"),
     ("audioset", "eval_segments.csv", AUDIOSET_EVAL_CSV.replace("20.000, 30.000", "30.000, 20.000"),

@@ -50,7 +50,13 @@ from embed.sources import id_from_name
 from ..errors import PipelineError
 from ..files import write_atomic
 from ..metrics.labels import LABEL_SEPARATOR
-from .example import DATASET, DATASET_FORMAT, Example, ExampleFormatError, write_examples
+from .example import (
+    DATASET,
+    DATASET_FORMAT,
+    Example,
+    ExampleFormatError,
+    write_examples,
+)
 
 FORMATS = ("vggsound", "audioset", "valor")
 DEFAULT_PATTERNS = {"vggsound": "{id}_{start:06d}.mp4", "audioset": "{id}_{start:06d}.mp4", "valor": "{id}.mp4"}
@@ -91,7 +97,7 @@ def _seconds(text: str, what: str, where: str) -> float:
 
 def _fields(ytid: str, start: float, end: float | None = None) -> dict:
     return {"id": ytid, "start": int(start), "end": int(start + 10 if end is None else end),
-            "start_ms": int(round(start * 1000))}
+            "start_ms": round(start * 1000)}
 
 
 def _rows(path: Path, **kw):
