@@ -170,6 +170,8 @@ def test_a_user_pattern_names_the_clips_and_their_ids(tmp_path):
 # ---- the metrics, against hand-computed values ----------------------------------------------------
 
 def test_average_precision_is_scikit_learns():
+    # scikit-learn's own example (its average_precision_score docstring): 0.83
+    assert average_precision([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.8333, abs=1e-4)
     # ranks 1 and 3 positive: (1/2)(1) + (1/2)(2/3)
     assert average_precision([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0]) == pytest.approx(5 / 6)
     # a tie is one threshold: at 0.5 precision 1/2, recall 1/2; at 0.2 precision 2/3, recall 1

@@ -1,4 +1,5 @@
-"""``vqa-data``: write the synthetic shapes and audio-visual datasets, QA shards, and check shards against caches."""
+"""``vqa-data``: write the synthetic shapes and audio-visual datasets, read VGGSound, AudioSet and VALOR, write QA
+shards, and check shards against caches."""
 
 import functools
 import json
@@ -26,13 +27,15 @@ def _fail_cleanly(fn):
 @click.version_option(package_name="where-to-fuse")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
 def cli(verbose):
-    """Data steps of stage 2: the synthetic shapes dataset, QA shards, cache checks.
+    """Data steps of stage 2: the synthetic shapes dataset, the VGGSound, AudioSet and VALOR readers,
+    QA shards, cache checks.
 
     Example:
 
     \b
         vqa-data shapes data/shapes --images 2000
         vqa-data shards data/shapes data/qa
+        vqa-data vggsound vggsound.csv --clips clips/ --out data/vggsound
     """
     setup_logging(logging.INFO if verbose else logging.WARNING)
 

@@ -34,7 +34,8 @@ likelihood of each label (:mod:`pipelines.metrics.labels`); their ``dataset.json
 (``"labels": [...]``), and the shards' manifest carries the list.
 
 Two readers make examples: the VQA v2 layout (:mod:`pipelines.data.vqa`: ``question`` text, ``image``
-vector), and the examples layout below, for any other task::
+vector), and the examples layout below, for any other task (:mod:`pipelines.data.avsets` writes it
+from VGGSound's, AudioSet's and VALOR's published annotations)::
 
     DIR/examples-{split}.jsonl    one example per line, as above
     DIR/dataset.json              {"format": "where-to-fuse/examples", "metric": "exact", ...}

@@ -31,7 +31,7 @@ import numpy as np
 
 from .vqa import VQAScore, group_key, label_match, normalize_answer, summarise_groups
 
-LABEL_SEPARATOR = "; "  # joins a label set into one target text; no AudioSet ontology name holds a ';'
+LABEL_SEPARATOR = "; "  # joins a label set into one target text (the reader refuses an ontology name holding ";")
 RANKED_METRICS = ("label", "multilabel")  # the metrics that need the candidates' likelihoods
 
 
