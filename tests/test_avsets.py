@@ -165,6 +165,8 @@ def test_a_user_pattern_names_the_clips_and_their_ids(tmp_path):
     (e,) = read_examples(tmp_path / "out")
     assert e.id == "---g-f_I2yQ_000001" and e.vectors == {"audio": "---g-f_I2yQ-1", "video": "---g-f_I2yQ-1"}
     assert e.texts == {"question": "What is making the sound?"} and e.target == e.references[0] == "people marching"
+    # answer lengths that hold the longest target: fuse-train --config OUT/fuse.json
+    assert json.loads((tmp_path / "out" / "fuse.json").read_text()) == {"max_answer_len": 16, "max_new_tokens": 16}
 
 
 # ---- the metrics, against hand-computed values ----------------------------------------------------
@@ -285,6 +287,7 @@ def test_the_readme_recipes_run_as_written(tmp_path, monkeypatch):
     r = results("runs/audioset")
     assert r["metric"] == "multilabel" and {"map", "micro_f1", "macro_f1", "exact_match"} <= set(r["last"])
     assert r["last"]["accuracy"] == r["last"]["map"] and r["last"]["count"] == 2
+    assert r["config"]["max_answer_len"] == len("Domestic animals, pets; Dog; Squeak") + 1
     r = results("runs/valor")
     assert r["metric"] == "caption" and {"cider", "bleu4"} <= set(r["last"]) and r["last"]["count"] == 2
     skipped = [json.loads(line) for line in Path("data/audioset/skipped.jsonl").read_text().splitlines()]

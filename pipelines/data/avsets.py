@@ -66,6 +66,7 @@ METRIC = {"vggsound": "label", "audioset": "multilabel", "valor": "caption"}
 MODALITIES = ("audio", "video")
 SKIPPED = "skipped.jsonl"
 CLIP_LIST = "clips.tsv"
+TRAIN_SETTINGS = "fuse.json"  # answer lengths for fuse-train --config
 
 
 class AVSetFormatError(ExampleFormatError):
@@ -333,7 +334,8 @@ def write_avset(fmt: str, annotations, clips, out, pattern: str | None = None, o
     """Read a set's annotation files, find each clip in ``clips`` and write the examples layout to
     ``out``: ``examples-{split}.jsonl``, ``dataset.json`` (the metric and, for labels, the closed
     label set), ``clips.tsv`` (``id<TAB>path`` of the clips found, for ``embed``) and
-    ``skipped.jsonl`` (the annotations left out, with why).
+    ``skipped.jsonl`` (the annotations left out, with why) and ``fuse.json`` (``fuse-train --config``:
+    answer lengths that hold the longest target, in UTF-8 bytes + 1, at least 16).
 
     Args:
         fmt: ``vggsound``, ``audioset`` or ``valor``.
@@ -434,6 +436,12 @@ def write_avset(fmt: str, annotations, clips, out, pattern: str | None = None, o
         if fmt == "audioset":
             info["label_separator"] = LABEL_SEPARATOR
     write_atomic(out / DATASET, json.dumps(info, indent=2) + "\n")
+    # fuse-train settings that let the targets through whole: the default answer length (16 tokens) cuts
+    # "wind rustling leaves" and every caption with the byte tokenizer (a token per UTF-8 byte, an upper
+    # bound for subword tokenizers); `fuse-train --config OUT/fuse.json`
+    longest = max(len(r.encode("utf-8")) for exs in examples.values() for e in exs for r in (e.target, *e.references))
+    length = max(16, longest + 1)
+    write_atomic(out / TRAIN_SETTINGS, json.dumps({"max_answer_len": length, "max_new_tokens": length}) + "\n")
     if strict and skipped:
         raise PipelineError(f"{len(skipped)} of {len(rows)} annotations left out (--strict): "
                             f"{', '.join(f'{k} {v}' for k, v in counts.items())}; listed in {out / SKIPPED}")

@@ -30,6 +30,7 @@ from .model import model_inputs
 from .ranking import candidate_log_likelihoods, candidate_tokens
 
 SIDES = ("eval", "select", "train")
+CANDIDATE_MAX_TOKENS = 1024  # a closed-set label is scored whole (VGGSound's longest is 39 bytes)
 
 
 @contextmanager
@@ -97,7 +98,8 @@ def evaluate(model, loader, tokenizer, modalities, accelerator, max_new_tokens: 
     ranked = metric in RANKED_METRICS
     if ranked:
         labels = list(labels) if labels else scored_labels(loader, accelerator)
-        candidates, _ = candidate_tokens(tokenizer, labels, max_new_tokens + 1, accelerator.device)  # (C, T)
+        # each label whole (not cut at the answer length): its likelihood, not a prefix's
+        candidates, _ = candidate_tokens(tokenizer, labels, CANDIDATE_MAX_TOKENS, accelerator.device)  # (C, T)
     score = make_score(metric, labels=labels if ranked else None)
     with torch_threads(threads), _progress_bar(len(loader.loader.dataset), progress, desc) as bar:
         for batch in loader:
