@@ -214,10 +214,12 @@ def test_label_scores_top1_from_likelihoods_and_multilabel_from_both():
     assert out["micro_f1"] == pytest.approx(6 / 8) and out["macro_f1"] == pytest.approx(2 / 3)
 
 
-def test_candidate_likelihoods_are_the_training_loss_per_candidate():
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random fused T5 (question at 0, an 'audio' of 3 tokens of 8 at 0), the byte tokenizer and a
+    batch of two examples."""
     from fuse import FusionT5Config, FusionT5ForConditionalGeneration
     from pipelines.data.tokens import load_tokenizer
-    from pipelines.train.ranking import candidate_log_likelihoods, candidate_tokens
 
     torch.manual_seed(0)
     cfg = FusionT5Config.from_name("tiny", fusion_spec="0:question 0:audio", text_modalities=["question"],
@@ -226,6 +228,13 @@ def test_candidate_likelihoods_are_the_training_loss_per_candidate():
     tok = load_tokenizer("byt5")
     ids, mask = tok.encode_batch(["What is making the sound?", "What?"], max_length=32)
     inputs = {"question": (torch.as_tensor(ids), torch.as_tensor(mask)), "audio": torch.randn(2, 3, 8)}
+    return model, tok, inputs
+
+
+def test_candidate_likelihoods_are_the_training_loss_per_candidate(tiny):
+    from pipelines.train.ranking import candidate_log_likelihoods, candidate_tokens
+
+    model, tok, inputs = tiny
     labels = ["dog", "heart sounds, heartbeat", "cat purring"]
     cand, _ = candidate_tokens(tok, labels, 16)
     with torch.inference_mode():
@@ -241,6 +250,49 @@ def test_candidate_likelihoods_are_the_training_loss_per_candidate():
             torch.testing.assert_close(got[:, c], -loss * n, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got, chunked)
     assert got.shape == (2, 3)
+
+
+class _Batches:
+    """A stand-in for the eval loader: one batch of the two examples, as the stream makes it."""
+
+    def __init__(self, inputs, references):
+        self.batch = {"tokens": {"question": inputs["question"]}, "vectors": {"audio": inputs["audio"]},
+                      "references": references, "groups": [{}, {}], "id": ["a", "b"]}
+        self.loader = type("L", (), {"dataset": type("D", (), {"records": [{"references": r} for r in references],
+                                                                "__len__": lambda self: 2})()})()
+
+    def __iter__(self):
+        yield self.batch
+
+
+def test_evaluate_ranks_the_labels_in_the_order_given(tiny):
+    """evaluate's top-1 and mAP are those of the likelihoods computed apart (the labels' order kept)."""
+    from accelerate import Accelerator
+
+    from pipelines.train.evaluate import CANDIDATE_MAX_TOKENS, evaluate
+    from pipelines.train.ranking import candidate_log_likelihoods, candidate_tokens
+
+    model, tok, inputs = tiny
+    labels = ["dog", "heart sounds, heartbeat", "cat purring", "speech"]
+    with torch.inference_mode():
+        ll = candidate_log_likelihoods(model, model.encode(inputs),
+                                       candidate_tokens(tok, labels, CANDIDATE_MAX_TOKENS)[0]).numpy()
+    best = [labels[i] for i in ll.argmax(1)]
+    accelerator = Accelerator(cpu=True)
+    refs = [[best[0]], [next(x for x in labels if x != best[1])]]  # the first example's top-1 is right, not the 2nd's
+    out = evaluate(model, _Batches(inputs, refs), tok, ["question", "audio"], accelerator, 8, progress=False,
+                   metric="label", labels=labels)
+    assert out["top1"] == 0.5 and out["count"] == 2
+    refs = [["dog", "speech"], ["cat purring"]]
+    out = evaluate(model, _Batches(inputs, refs), tok, ["question", "audio"], accelerator, 8, progress=False,
+                   metric="multilabel", labels=labels)
+    truth = np.array([[1, 0, 0, 1], [0, 0, 1, 0]], bool)
+    assert out["map"] == pytest.approx(mean_average_precision(ll, truth))
+    # without labels given, the scored side's references are the candidates (sorted)
+    out = evaluate(model, _Batches(inputs, refs), tok, ["question", "audio"], accelerator, 8, progress=False,
+                   metric="multilabel")
+    sub = [labels.index(x) for x in sorted({"dog", "speech", "cat purring"})]
+    assert out["map"] == pytest.approx(mean_average_precision(ll[:, sub], truth[:, sub]))
 
 
 # ---- the README's recipes, as written, on the fixtures --------------------------------------------
