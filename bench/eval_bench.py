@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from accelerate import Accelerator
 
-    from pipelines.train.loop import make_accelerator, train_step
+    from pipelines.train.loop import loss_function, make_accelerator, train_step
 
     tmp = None
     if args.work is None:
@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     cfg = run_config(run)
     modalities = model.config.fusion().modalities()
     n = args.questions
-    loop_threads = max(1, (os.cpu_count() or 1) - cfg.num_workers)  # make_accelerator's, one process
+    loop_threads = cfg.cpu_threads()  # make_accelerator's, one process
 
     # The train step, as the loop runs it, on its own copy of the model.
     train_cfg = dataclasses.replace(cfg, out=str(work / "bench-train"))
@@ -134,16 +134,16 @@ def main(argv=None) -> None:
     eval_sc = dataclasses.replace(eval_sc, tokenizer=run["tokenizer"])
     readers = open_caches(train_sc)
     stream = batches(train_sc, 0, 0, readers)
-    state = {"step": 0}
+    loss_fn = loss_function(train_cfg, train_model)
     for _ in range(3):  # warm-up: workers started, kernels chosen
-        train_step(train_cfg, accelerator, train_model, optimizer, schedule, next(stream)[2], state, Path("-"))
+        train_step(train_cfg, accelerator, train_model, loss_fn, optimizer, schedule, next(stream)[2])
 
     def train_row():
         torch.set_num_threads(loop_threads)
         samples, t0 = 0, time.perf_counter()
         for _ in range(args.steps):
             batch = next(stream)[2]
-            train_step(train_cfg, accelerator, train_model, optimizer, schedule, batch, state, Path("-"))
+            train_step(train_cfg, accelerator, train_model, loss_fn, optimizer, schedule, batch)
             samples += len(batch["id"])
         return samples / (time.perf_counter() - t0), None
 

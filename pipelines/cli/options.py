@@ -64,7 +64,13 @@ TRAIN_OPTIONS = [
     ("mixed_precision", ("--mixed-precision",), dict(type=click.Choice(PRECISIONS))),
     ("num_workers", ("--num-workers",), dict(type=int, help="DataLoader workers of the stream.")),
     ("threads", ("--threads",), dict(type=int,
-                                     help="torch CPU threads [default: CPUs per process left after the workers].")),
+                                     help="torch CPU threads [default: every CPU of the process' share; fewer "
+                                          "when other work shares the CPU].")),
+    ("compile", ("--compile",), dict(is_flag=True, default=None,
+                                     help="torch.compile the training step (pays on a GPU; on a 2-core CPU it "
+                                          "measured no faster).")),
+    ("pad_multiple", ("--pad-multiple",), dict(type=int, help="Pad text and answer tokens to a multiple of N "
+                                                              "[default: 8 with --compile, else 1].")),
     ("image_source", ("--image-source",), dict(type=click.Choice(IMAGE_SOURCES),
                                                help="cache: read the embeddings; online: run the ViT on the images "
                                                     "every step.")),

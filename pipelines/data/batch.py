@@ -11,6 +11,8 @@ still open the caches, lazily, to drop records with missing ids when that is all
 
 import logging
 
+import numpy as np
+
 try:
     import fcntl
 except ImportError:  # not Unix
@@ -58,6 +60,17 @@ class DropMissing:
                 yield rec
 
 
+def bucket_length(length: int, multiple: int, cap: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple``, at most ``cap`` (``multiple`` 1: as is)."""
+    return min(-(-length // multiple) * multiple, max(cap, length))
+
+
+def pad_columns(array, length: int, value: int):
+    """``array`` (B, L) right-padded with ``value`` to ``length`` columns."""
+    extra = length - array.shape[1]
+    return array if extra <= 0 else np.pad(array, ((0, 0), (0, extra)), constant_values=value)
+
+
 class Collate:
     """Examples -> a batch without the cache values: each text field's padded tokens, the target's,
     the vector fields' ids and the metric's fields.
@@ -75,10 +88,15 @@ class Collate:
         max_answer_len: the target's token limit.
         inline: the vector fields whose values the examples carry (:mod:`pipelines.data.inline`):
             stacked here, in the worker, as ``batch["inline"][name]`` (B, *shape).
+        pad_multiple: pad each text field and the target to a multiple of this many tokens (at most
+            its limit), so that a compiled step sees a few shapes instead of one per longest text; 1:
+            to the batch's longest.
     """
 
-    def __init__(self, texts: dict, vectors=(), tokenizer: str = "byt5", max_answer_len: int = 32, inline=()):
+    def __init__(self, texts: dict, vectors=(), tokenizer: str = "byt5", max_answer_len: int = 32, inline=(),
+                 pad_multiple: int = 1):
         self.texts, self.vectors, self.inline = dict(texts), list(vectors), list(inline)
+        self.pad_multiple = pad_multiple
         self.tokenizer_name, self.max_answer_len = tokenizer, max_answer_len
         self._tokenizer = None
         self._warned = False  # about a cut text: once per process and stream
@@ -111,13 +129,15 @@ class Collate:
         for name, max_len in self.texts.items():
             texts[name] = self.cut(samples, field_values(samples, "texts", name), max_len, name)
             ids, mask = self.tokenizer.encode_batch(texts[name], max_len)  # (B, L_name)
-            tokens[name] = (ids.numpy(), mask.numpy())
+            length = bucket_length(ids.shape[1], self.pad_multiple, max_len)
+            tokens[name] = (pad_columns(ids.numpy(), length, self.tokenizer.pad_token_id), pad_columns(mask.numpy(), length, 0))
         # an example without annotations (VQA's test splits) is answered, never trained on
         targets = self.cut(samples, [s["target"] for s in samples], self.max_answer_len, "target")
         answer_ids, answer_mask = self.tokenizer.encode_batch(targets, self.max_answer_len)  # (B, La)
+        labels = answer_ids.masked_fill(answer_mask == 0, -100).numpy()
         return {
             "tokens": tokens,
-            "labels": answer_ids.masked_fill(answer_mask == 0, -100).numpy(),
+            "labels": pad_columns(labels, bucket_length(labels.shape[1], self.pad_multiple, self.max_answer_len), -100),
             "ids": {name: field_values(samples, "vectors", name) for name in self.vectors},
             "id": [s["id"] for s in samples],
             "texts": texts,

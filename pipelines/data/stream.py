@@ -111,6 +111,8 @@ class StreamConfig:
         max_answer_len: the target's token limit.
         inline: field -> the shard manifest's ``inline`` entry, for the fields read inline (the
             manifest's ``inline``; :func:`pipelines.train.streams.stream_settings` fills it).
+        pad_multiple: pad text and target tokens to a multiple of this (a compiled step's few
+            shapes; :class:`~pipelines.data.batch.Collate`); 1: to each batch's longest.
     """
 
     shards: list
@@ -126,6 +128,7 @@ class StreamConfig:
     allow_missing: bool = False
     max_answer_len: int = 32
     inline: dict = field(default_factory=dict)
+    pad_multiple: int = 1
 
     def __post_init__(self):
         if isinstance(self.shards, str):
@@ -239,7 +242,7 @@ def open_caches(config: "StreamConfig") -> dict:
 
 def make_collate(config: "StreamConfig") -> Collate:
     collate = Collate(config.texts, list(config.caches), config.tokenizer, config.max_answer_len,
-                      inline=config.inline_fields())
+                      inline=config.inline_fields(), pad_multiple=config.pad_multiple)
     collate.tokenizer  # a bad tokenizer fails here, not in a worker (it is not pickled)
     return collate
 

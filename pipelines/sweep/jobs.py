@@ -26,7 +26,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import SweepError
@@ -258,6 +258,8 @@ def run_jobs(ecfg: ExecutorConfig, out, runs: list, executor=None) -> dict:
         while pending and free:
             name, run = pending.pop(0)
             slot = free.pop(0)
+            if slot is None and run.threads is None:  # CPU points side by side: each its share of the cores
+                run = replace(run, threads=max(1, (os.cpu_count() or 1) // ecfg.parallel))
             job = submit(executor, ecfg, out, name, run, slot)
             active[name], submitted[name] = (job, slot), job.job_id
         if active:

@@ -47,7 +47,8 @@ TRAIN_PRESETS = {
 # Every other one (the model, the data and its order, the optimizer, the schedule, the evaluation)
 # must be the checkpoint's: the continued run would otherwise be another run under the same name,
 # its history mixing two.
-RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "stop_at", "progress", "log_every", "threads", "device", "preset")
+RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "stop_at", "progress", "log_every", "threads", "device", "preset",
+                     "compile", "pad_multiple")
 
 
 @dataclass
@@ -74,8 +75,13 @@ class TrainConfig:
         eval_limit: score the first N questions of the selection side at each evaluation (default or
             0: all); the eval side's final score, when a select side picks the checkpoint, takes all.
         image_source: ``cache`` reads the cache; ``online`` runs the ViT on the images each step.
-        threads: torch threads for CPU work; default: the CPUs left after the stream's workers
-            (on a small CPU, two threads sharing a core with a worker thrash: measured 10x slower).
+        threads: torch threads for CPU work; default: every CPU of the process (the stream's
+            workers sleep while the batches they made wait: :meth:`cpu_threads`). Give fewer when
+            other work shares the CPU (``fuse-sweep --parallel`` and ``fuse-avdemo`` split it).
+        compile: ``torch.compile`` the training step's forward and backward (once per padded shape:
+            ``pad_multiple``); evaluation runs the model as it is.
+        pad_multiple: pad each text field and the answer to a multiple of this many tokens; default
+            8 with ``compile`` (a few shapes, each compiled once), else 1 (each batch's longest).
         stop_at: stop after this step with a checkpoint, as a time-boxed job would, to continue
             later with ``resume`` (the schedule still runs to ``steps``).
     """
@@ -111,6 +117,8 @@ class TrainConfig:
     shuffle_buffer: int = 2000
     num_workers: int = 2
     threads: int | None = None
+    compile: bool = False
+    pad_multiple: int | None = None
     allow_missing: bool = False
     seed: int = 0
     mixed_precision: str = "no"
@@ -135,7 +143,7 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
         if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 0):
             raise ValueError(f"--eval-limit {self.eval_limit}: must be 0 (all) or a positive integer")
-        for name in ("threads", "stop_at"):
+        for name in ("threads", "stop_at", "pad_multiple"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"--{name.replace('_', '-')} {value}: must be a positive integer")
@@ -220,11 +228,20 @@ class TrainConfig:
         return list(self._fused)
 
     def cpu_threads(self, num_processes: int = 1) -> int:
-        """torch's CPU threads per process: ``threads``, else one per core left to the process after
-        the stream's workers. More oversubscribes a small CPU: threads sharing a core with a worker
-        thrash (a training step measured 10x slower), and an evaluation at 2 threads on a 2-core
-        machine busy with other work scored 53 questions/s, at 1 thread 650-780."""
-        return self.threads or max(1, (os.cpu_count() or 1) // num_processes - self.num_workers)
+        """torch's CPU threads per process: ``threads``, else every core of the process' share.
+
+        The stream's workers need little CPU (about 1% of a demo step's time) and sleep while their
+        prefetched batches wait, so they leave the cores to torch: on a quiet 2-core machine the
+        demo step ran 1.7x faster at 2 threads than at 1 beside 2 workers (README, "fuse-train").
+        Threads that share their cores with other busy processes thrash (an evaluation at 2 threads
+        on a 2-core machine busy with other work: 53 questions/s, at 1 thread 650-780): runs side by
+        side give each its share (``fuse-sweep --parallel``, ``fuse-avdemo`` do).
+        """
+        return self.threads or max(1, (os.cpu_count() or 1) // num_processes)
+
+    def pad_length(self) -> int:
+        """The multiple text and answer tokens are padded to in training (``pad_multiple``)."""
+        return self.pad_multiple or (8 if self.compile else 1)
 
     def tokenizer_path(self) -> str:
         """``words`` is the word-level tokenizer ``vqa-data shards`` writes beside the shards."""

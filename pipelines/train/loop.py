@@ -85,7 +85,7 @@ class Meter:
     compute: float = 0.0
     samples: int = 0
     steps: int = 0
-    window: list = field(default_factory=list)
+    window: list = field(default_factory=list)  # [(step, loss on the device)] since the last log line
 
     @property
     def elapsed(self) -> float:
@@ -223,35 +223,61 @@ def step_flops(cfg: TrainConfig, model, batch: dict, shapes: dict) -> float:
     return train_step_flops(model.config, cfg.batch_size * cfg.grad_accum, lens, batch["labels"].shape[1]).train_step
 
 
-def train_step(cfg, accelerator, model, optimizer, schedule, batch: dict, state: dict, last: Path) -> float:
+def loss_function(cfg: TrainConfig, model):
+    """``(modalities, labels) -> loss`` of the training step: the model's forward, compiled with
+    ``--compile`` (one graph per padded shape, no graph breaks in the fused encoder: see
+    ``bench/train_bench.py --explain``). Evaluation calls the model itself, uncompiled."""
+    def loss_fn(modalities, labels):
+        return model(modalities=modalities, labels=labels).loss
+
+    if not cfg.compile:
+        return loss_fn
+    import torch._dynamo
+
+    # a shape per (text bucket, answer bucket) pair: up to 128/8 x 16/8 with the default limits
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(loss_fn, dynamic=False)
+
+
+def train_step(cfg, accelerator, model, loss_fn, optimizer, schedule, batch: dict) -> torch.Tensor:
     """One micro-batch forward and backward, and the optimizer step when accumulation is complete.
 
     Returns:
-        The micro-batch's loss (the step's one read-back from the device).
-
-    Raises:
-        TrainingDiverged: the loss is NaN or infinite.
+        The micro-batch's loss, on the device: it is read back (and checked) only when logged
+        (:func:`read_losses`), so the step never waits for the device.
     """
     with accelerator.accumulate(model):
-        loss = model(modalities=model_inputs(batch, cfg.fused_modalities(), accelerator.device),
-                     labels=batch["labels"].to(accelerator.device)).loss
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(
-                f"the loss became {loss_value} at step {state['step'] + 1}: stopping. The last good checkpoint "
-                f"is {last if has_checkpoint(last) else '(none yet)'}; try a lower --lr or --clip")
+        loss = loss_fn(model_inputs(batch, cfg.fused_modalities(), accelerator.device),
+                       batch["labels"].to(accelerator.device, non_blocking=True))
         accelerator.backward(loss)
         if accelerator.sync_gradients and cfg.clip:
             accelerator.clip_grad_norm_(model.parameters(), cfg.clip)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-    return loss_value
+    return loss.detach()
 
 
-def log_step(writer, bar, schedule, meter: Meter, step: int) -> None:
+def read_losses(window: list, last: Path) -> list:
+    """The losses of ``window`` (``[(step, loss on the device)]``) as floats: one read-back.
+
+    Raises:
+        TrainingDiverged: a loss is NaN or infinite (naming the first step that had one).
+    """
+    if not window:
+        return []
+    values = torch.stack([loss for _, loss in window]).float().tolist()
+    for (step, _), value in zip(window, values):
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"the loss became {value} at step {step}: stopping. The last good checkpoint "
+                f"is {last if has_checkpoint(last) else '(none yet)'}; try a lower --lr or --clip")
+    return values
+
+
+def log_step(writer, bar, schedule, meter: Meter, losses: list, step: int) -> None:
     """Loss (mean since the last line), learning rate and speed to TensorBoard and the progress bar."""
-    loss = sum(meter.window) / len(meter.window)
+    loss = sum(losses) / len(losses)
     writer.add_scalar("train/loss", loss, step)
     writer.add_scalar("train/lr", schedule.get_last_lr()[0], step)
     writer.add_scalar("speed/steps_per_s", meter.steps / meter.elapsed, step)
@@ -366,6 +392,7 @@ def train(cfg: TrainConfig, *, train_checked: bool = False) -> dict:
     data = open_data(cfg, accelerator, train_checked)
     model, optimizer, schedule, state = init_model(cfg, data, last)
     model, optimizer, schedule = accelerator.prepare(model, optimizer, schedule)
+    loss_fn = loss_function(cfg, model)
     online = None
     if cfg.image_source == "online" and "image" in cfg.fused_modalities():
         online = make_online_embedder(cfg, data.run["producers"], accelerator.device)
@@ -390,7 +417,7 @@ def train(cfg: TrainConfig, *, train_checked: bool = False) -> dict:
             batch["vectors"]["image"] = online(batch["ids"]["image"])
         if flops is None:  # counted on the first batch, from its padded lengths
             flops = step_flops(cfg, accelerator.unwrap_model(model), batch, data.shapes)
-        meter.window.append(train_step(cfg, accelerator, model, optimizer, schedule, batch, state, last))
+        meter.window.append((state["step"] + 1, train_step(cfg, accelerator, model, loss_fn, optimizer, schedule, batch)))
         meter.wait += t1 - t0
         meter.compute += time.perf_counter() - t1
         meter.samples += len(batch["id"]) * accelerator.num_processes
@@ -401,13 +428,18 @@ def train(cfg: TrainConfig, *, train_checked: bool = False) -> dict:
         meter.steps += 1
         bar.update(1)
         step = state["step"]
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            if main:
-                log_step(writer, bar, schedule, meter, step)
-            meter.window.clear()
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        log_now = step % cfg.log_every == 0 or step == cfg.steps
+        eval_now = step % cfg.eval_every == 0 or step == cfg.steps
+        stop_now = bool(cfg.stop_at) and cfg.stop_at <= step < cfg.steps
+        if log_now or eval_now or stop_now:  # the losses' one read-back: checked before any checkpoint
+            losses = read_losses(meter.window, last)
+            if main and log_now:
+                log_step(writer, bar, schedule, meter, losses, step)
+            if log_now:
+                meter.window.clear()
+        if eval_now:
             eval_and_checkpoint(cfg, accelerator, model, optimizer, schedule, data, state, writer, bar)
-        if cfg.stop_at and cfg.stop_at <= step < cfg.steps:
+        if stop_now:
             if main:
                 save_checkpoint(last, accelerator.unwrap_model(model), optimizer, schedule, state, run=data.run)
             accelerator.wait_for_everyone()

@@ -20,7 +20,8 @@ def eval_stream_config(cfg: TrainConfig, shards: list) -> StreamConfig:
 def stream_configs(cfg: TrainConfig, num_processes: int = 1, eval_side: str = "eval") -> tuple:
     """``(train, eval)`` stream configs of a run; ``eval_side`` names the shard side to score."""
     train_sc = StreamConfig(shards=shard_paths(cfg.shards, "train"), batch_size=cfg.batch_size,
-                            shuffle_buffer=cfg.shuffle_buffer, resample=num_processes > 1, **stream_settings(cfg))
+                            shuffle_buffer=cfg.shuffle_buffer, resample=num_processes > 1,
+                            pad_multiple=cfg.pad_length(), **stream_settings(cfg))
     return train_sc, eval_stream_config(cfg, shard_paths(cfg.shards, eval_side))
 
 
