@@ -57,7 +57,7 @@ def _progress_bar(total: int, progress, desc: str):
 def scored_labels(loader, accelerator) -> list:
     """The closed label set when none is given: every reference of the scored examples (all ranks'),
     sorted. On the published sets' eval splits that is the whole set (VGGSound's test split and
-    AudioSet's eval segments hold every class); ``fuse-eval`` ranks the manifest's list instead."""
+    AudioSet's eval segments hold every class); ``fuse-eval`` and ``fuse-train`` give the manifest's list."""
     names = sorted({r for rec in getattr(loader.loader.dataset, "records", ()) for r in rec.get("references", ())})
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object

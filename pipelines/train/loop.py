@@ -75,6 +75,7 @@ class RunData:
     shapes: dict  # modality -> value shape of its cache
     run: dict  # the record saved in every checkpoint (fuse_run.json)
     metric: str = "vqa"  # the data's metric (pipelines.data.example.METRICS)
+    labels: list | None = None  # a closed label set's labels (the manifest's), ranked by likelihood
 
 
 @dataclass
@@ -183,7 +184,7 @@ def open_data(cfg: TrainConfig, accelerator, train_checked: bool = False) -> Run
     run = {"config": cfg.to_dict(), "producers": {name: r.meta.producer for name, r in readers.items()},
            "tokenizer": train_sc.tokenizer, "text_fields": cfg.text_lens(), "metric": manifest["metric"]}
     return RunData(train_sc, readers, evals, final, selection, load_tokenizer(train_sc.tokenizer), shapes, run,
-                   manifest["metric"])
+                   manifest["metric"], manifest.get("labels"))
 
 
 def init_model(cfg: TrainConfig, data: RunData, last: Path):
@@ -302,7 +303,7 @@ def eval_and_checkpoint(cfg, accelerator, model, optimizer, schedule, data: RunD
     """Score the selection side; keep the best checkpoint and write the last one (main process)."""
     step = state["step"]
     metrics = evaluate(model, data.evals, data.tokenizer, cfg.fused_modalities(), accelerator,
-                       cfg.max_new_tokens, metric=data.metric, **eval_kw(cfg, accelerator, f"eval ({data.selection} side)"))
+                       cfg.max_new_tokens, metric=data.metric, labels=data.labels, **eval_kw(cfg, accelerator, f"eval ({data.selection} side)"))
     entry = {"step": step, **metrics}
     state["history"].append(entry)
     improved = state["best"] is None or metrics["accuracy"] > state["best"]["accuracy"]
@@ -334,7 +335,8 @@ def score_best(cfg, accelerator, model, data: RunData, state: dict, writer, bar)
         weights = FusionT5ForConditionalGeneration.from_pretrained(existing_dir(best)).state_dict()
         accelerator.unwrap_model(model).load_state_dict(weights)
     metrics = evaluate(model, data.final, data.tokenizer, cfg.fused_modalities(), accelerator, cfg.max_new_tokens,
-                       metric=data.metric, **eval_kw(cfg, accelerator, "eval (eval side, best checkpoint)"))
+                       metric=data.metric, labels=data.labels,
+                       **eval_kw(cfg, accelerator, "eval (eval side, best checkpoint)"))
     entry = {"step": state["best"]["step"], "side": "eval", "checkpoint": str(best), **metrics}
     if accelerator.is_main_process:
         writer.add_scalar("final/eval_accuracy", metrics["accuracy"], entry["step"])
